@@ -1,0 +1,140 @@
+"""Argument checks shared by every public function: clear errors that name the argument.
+
+Nothing here reads a tensor's values (no host sync); `validate_cu_seqlens` is the helper that does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _require_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _require_same_device(name: str, t: Tensor, x: Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on the same device")
+
+
+def check_pool_inputs(
+    x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int | None
+) -> Tensor:
+    """Checks x / mask / cu_seqlens / max_seqlen and returns x as (B, L, H) padded or (T, H) varlen."""
+    _require_tensor("x", x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got dtype {x.dtype}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)):
+        raise TypeError(f"max_seqlen must be a Python int or None, got {type(max_seqlen).__name__}")
+    if max_seqlen is not None and max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+
+    if cu_seqlens is None:
+        if x.dim() != 3:
+            raise ValueError(
+                f"x must be (B, L, H) when cu_seqlens is None, got shape {_shape(x)}; "
+                "pass cu_seqlens for varlen (T, H) input"
+            )
+        if mask is not None:
+            _require_tensor("mask", mask)
+            if mask.dtype.is_complex:
+                raise TypeError(f"mask must be bool, integer or floating, got dtype {mask.dtype}")
+            if tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(
+                    f"mask must be (B, L) = ({x.shape[0]}, {x.shape[1]}) to match x {_shape(x)}, "
+                    f"got shape {_shape(mask)}"
+                )
+            _require_same_device("mask", mask, x)
+        return x
+
+    _require_tensor("cu_seqlens", cu_seqlens)
+    if mask is not None:
+        raise ValueError("mask must be None when cu_seqlens is given (varlen input has no padding)")
+    if cu_seqlens.dtype not in INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be int32 or int64, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D of shape (B + 1,), got shape {_shape(cu_seqlens)}")
+    _require_same_device("cu_seqlens", cu_seqlens, x)
+    if x.dim() == 3 and x.shape[0] == 1:
+        x = x[0]  # HF's flattening collator gives (1, T, H)
+    if x.dim() != 2:
+        raise ValueError(f"x must be (T, H) or (1, T, H) when cu_seqlens is given, got shape {_shape(x)}")
+    return x
+
+
+def check_scores(scores: Tensor, x: Tensor, varlen: bool) -> int:
+    """Checks attention scores against x ((B, L, H) or (T, H)); returns the number of heads."""
+    _require_tensor("scores", scores)
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating tensor, got dtype {scores.dtype}")
+    _require_same_device("scores", scores, x)
+    tokens = tuple(x.shape[:-1])  # (B, L) or (T,)
+    expected = "(T,) or (T, nh)" if varlen else "(B, L) or (B, L, nh)"
+    if tuple(scores.shape) == tokens:
+        num_heads = 1
+    elif scores.dim() == len(tokens) + 1 and tuple(scores.shape[:-1]) == tokens:
+        num_heads = scores.shape[-1]
+    else:
+        raise ValueError(f"scores must be {expected} matching x {_shape(x)}, got shape {_shape(scores)}")
+    _require_heads_divide("scores", num_heads, x.shape[-1])
+    return num_heads
+
+
+def check_query(query: Tensor, x: Tensor) -> int:
+    """Checks a learned query, (H,) or (nh, H/nh), against x; returns the number of heads."""
+    _require_tensor("query", query)
+    if not query.is_floating_point():
+        raise TypeError(f"query must be a floating tensor, got dtype {query.dtype}")
+    _require_same_device("query", query, x)
+    hidden = x.shape[-1]
+    if query.dim() == 1 and query.shape[0] == hidden:
+        return 1
+    if query.dim() == 2 and query.shape[0] >= 1 and query.shape[0] * query.shape[1] == hidden:
+        return query.shape[0]
+    raise ValueError(f"query must be (H,) = ({hidden},) or (nh, H/nh) with nh dividing H, got {_shape(query)}")
+
+
+def check_scale(scale: float | None) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+
+
+def _require_heads_divide(name: str, num_heads: int, hidden: int) -> None:
+    if num_heads < 1 or hidden % num_heads:
+        raise ValueError(f"{name} has nh = {num_heads} heads, which must divide H = {hidden}")
+
+
+def validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int | None = None) -> None:
+    """Raises ValueError if cu_seqlens is malformed: not starting at 0, decreasing, or not ending at
+    num_tokens (T). Reads the values back to the host: a debugging aid, not for the hot path.
+    (The kernels never read or write out of bounds on malformed values: they clamp each segment to
+    [0, T]; but the results are then meaningless.)
+    """
+    _require_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be int32 or int64, got dtype {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D of shape (B + 1,), got shape {_shape(cu_seqlens)}")
+    first = int(cu_seqlens[0])
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {first}")
+    decreasing = (cu_seqlens[1:] < cu_seqlens[:-1]).nonzero()
+    if len(decreasing):
+        i = int(decreasing[0, 0])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {int(cu_seqlens[i])} > "
+            f"cu_seqlens[{i + 1}] = {int(cu_seqlens[i + 1])}"
+        )
+    last = int(cu_seqlens[-1])
+    if num_tokens is not None and last != num_tokens:
+        raise ValueError(f"cu_seqlens must end at T = {num_tokens}, got cu_seqlens[-1] = {last}")

@@ -1,0 +1,202 @@
+"""Plain PyTorch reference for every op: the oracle that every backend is checked against.
+
+Written for clarity, not speed, with the same signatures as the public functions (inputs are
+assumed valid: the public functions check them). Every semantic rule of the library lives here:
+
+- accumulate in float32 (float64 for float64 inputs); softmax statistics in float32;
+- padding is never read: positions that are not kept contribute nothing, even if they hold NaN;
+- a floating mask weights `masked_mean` (sum(w * x) / sum(w)); every other op keeps w != 0;
+- a sequence with no kept token gives 0 and zero gradients; in attention pooling, kept positions
+  whose scores are all -inf count as empty;
+- `masked_max` sends its gradient to the first (lowest position) maximal kept token; a kept NaN
+  wins, as in `torch.max`;
+- the mask never receives a gradient.
+
+One difference from the fused paths: for varlen inputs the reference reads the sequence lengths
+back to the host to build a padded view. The fused paths never do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["masked_mean", "masked_max", "masked_mean_max", "attention_pool", "query_attention_pool"]
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segment_bounds(cu_seqlens: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """[start, end) of each sequence, clamped to [0, num_tokens] as every kernel clamps them."""
+    starts = cu_seqlens[:-1].long().clamp(0, num_tokens)
+    ends = torch.maximum(cu_seqlens[1:].long(), starts).clamp(max=num_tokens)
+    return starts, ends
+
+
+def _padded_view(
+    x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, *per_token: Tensor
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Hidden states as (B, L, H), the (B, L) mask and the per-token tensors as (B, L, ...).
+
+    Varlen inputs are gathered into a padded layout whose mask marks each sequence's tokens.
+    """
+    if cu_seqlens is None:
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return x, mask, list(per_token)
+    x = x.reshape(x.shape[-2], x.shape[-1])  # (1, T, H) -> (T, H)
+    num_tokens = x.shape[0]
+    starts, ends = _segment_bounds(cu_seqlens, num_tokens)
+    max_len = int((ends - starts).max()) if starts.numel() else 0  # host sync: reference only
+    positions = starts[:, None] + torch.arange(max_len, device=x.device)
+    mask = positions < ends[:, None]
+    positions = positions.clamp(max=max(num_tokens - 1, 0))
+    if num_tokens == 0:  # nothing to gather from; every sequence is empty
+        return x.new_zeros(len(starts), max_len, x.shape[1]), mask, [
+            t.new_zeros(len(starts), max_len, *t.shape[1:]) for t in per_token
+        ]
+    return x[positions], mask, [t[positions] for t in per_token]
+
+
+def _kept(mask: Tensor) -> Tensor:
+    return mask != 0
+
+
+def masked_mean(
+    x: Tensor,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """(B, H) mean of the kept tokens; a floating mask gives the weighted mean sum(w x) / sum(w)."""
+    acc = _accumulation_dtype(x.dtype)
+    xs, mask, _ = _padded_view(x, mask, cu_seqlens)
+    weights = mask.detach().to(acc) if mask.is_floating_point() else _kept(mask).to(acc)
+    kept = weights != 0
+    weighted = torch.where(kept[..., None], xs.to(acc) * weights[..., None], 0)
+    total = weighted.sum(1)
+    den = weights.sum(1, keepdim=True)
+    nonzero = den != 0
+    out = torch.where(nonzero, total / torch.where(nonzero, den, 1), 0)
+    return out.to(x.dtype)
+
+
+def _first_max_position(values: Tensor, kept: Tensor) -> Tensor:
+    """(B, H) position along dim 1 of the first maximal kept value; a kept NaN wins over numbers."""
+    kept = kept[..., None].expand_as(values)
+    is_nan = kept & values.isnan()
+    candidates = torch.where(kept & ~is_nan, values, float("-inf"))
+    is_max = kept & ~is_nan & (values == candidates.amax(1, keepdim=True))
+    first_max = is_max.int().argmax(1)  # argmax returns the first of equal maxima
+    first_nan = is_nan.int().argmax(1)
+    return torch.where(is_nan.any(1), first_nan, first_max)
+
+
+def masked_max(
+    x: Tensor,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """(B, H) maximum over the kept tokens; the gradient goes to the first maximal token."""
+    xs, mask, _ = _padded_view(x, mask, cu_seqlens)
+    kept = _kept(mask)
+    values = xs.to(_accumulation_dtype(x.dtype))
+    if values.shape[1] == 0:  # no positions at all: every sequence is empty
+        return (values.sum(1) * 0).to(x.dtype)
+    position = _first_max_position(values.detach(), kept)
+    picked = values.gather(1, position[:, None, :]).squeeze(1)
+    nonempty = kept.any(1, keepdim=True)
+    return torch.where(nonempty, picked, 0).to(x.dtype)
+
+
+def masked_mean_max(
+    x: Tensor,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """(B, 2H): cat(masked_mean, masked_max)."""
+    mean = masked_mean(x, mask, cu_seqlens=cu_seqlens)
+    maximum = masked_max(x, mask, cu_seqlens=cu_seqlens)
+    return torch.cat([mean, maximum], dim=-1)
+
+
+def _softmax_pool(xs: Tensor, scores: Tensor, kept: Tensor) -> Tensor:
+    """Per head k: sum_l softmax_l(scores[..., k]) * xs[..., head k channels] over kept tokens.
+
+    xs: (B, L, H) in the accumulation dtype, zero where not kept; scores: (B, L, nh); kept: (B, L).
+    """
+    batch, length, hidden = xs.shape
+    num_heads = scores.shape[-1]
+    scores = torch.where(kept[..., None], scores, float("-inf"))
+    if length == 0:  # no positions at all: every sequence is empty
+        return xs.sum(1) * 0
+    row_max = scores.amax(1, keepdim=True).detach()
+    row_max = torch.where(row_max == float("-inf"), 0, row_max)  # empty heads: avoid -inf - -inf
+    p = torch.exp(scores - row_max)  # 0 where not kept or where the score is -inf
+    den = p.sum(1, keepdim=True)
+    nonempty = den > 0
+    weights = torch.where(nonempty, p / torch.where(nonempty, den, 1), 0)
+    heads = xs.reshape(batch, length, num_heads, hidden // num_heads)
+    return (weights[..., None] * heads).sum(1).reshape(batch, hidden)
+
+
+def attention_pool(
+    x: Tensor,
+    scores: Tensor,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """(B, H) softmax(scores)-weighted sum of the kept tokens, per head.
+
+    scores: (B, L) or (B, L, nh) padded, (T,) or (T, nh) varlen; head k pools channels
+    [k H/nh, (k+1) H/nh).
+    """
+    acc = _accumulation_dtype(x.dtype)
+    one_head = scores.dim() == (2 if cu_seqlens is None else 1)
+    xs, mask, (scores,) = _padded_view(x, mask, cu_seqlens, scores)
+    kept = _kept(mask)
+    scores = scores.to(acc)
+    if one_head:
+        scores = scores[..., None]
+    xs = torch.where(kept[..., None], xs.to(acc), 0)
+    return _softmax_pool(xs, scores, kept).to(x.dtype)
+
+
+def query_attention_pool(
+    x: Tensor,
+    query: Tensor,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """(B, H) attention pooling with scores (x_head . query_head) * scale.
+
+    query: (H,) for one head or (nh, H/nh); scale defaults to 1/sqrt(H/nh).
+    """
+    acc = _accumulation_dtype(x.dtype)
+    xs, mask, _ = _padded_view(x, mask, cu_seqlens)
+    kept = _kept(mask)
+    batch, length, hidden = xs.shape
+    query = query.reshape(-1, query.shape[-1]).to(acc)  # (nh, D)
+    num_heads, head_dim = query.shape
+    if scale is None:
+        scale = head_dim**-0.5
+    xs = torch.where(kept[..., None], xs.to(acc), 0)
+    scores = (xs.reshape(batch, length, num_heads, head_dim) * query).sum(-1) * scale
+    return _softmax_pool(xs, scores, kept).to(x.dtype)

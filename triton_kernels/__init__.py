@@ -1,0 +1,1 @@
+"""Triton kernels of fused_pool (installed as fused_pool.triton_kernels)."""

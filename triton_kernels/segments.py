@@ -1,0 +1,195 @@
+"""Sequence geometry shared by the pooling kernels: where each sequence's rows are, how a long
+sequence is split into chunks across programs, and which sequence a row belongs to.
+
+Both layouts are one model: sequence b owns rows [start_b, end_b). Padded: rows are positions
+0..L-1 (every sequence owns all L; the mask says which are kept). Varlen: rows are tokens and the
+bounds come from cu_seqlens, clamped to [0, T] so that malformed values never reach memory out of
+bounds. Row r of sequence b lives at x + b * stride_b + r * stride_row (stride_b = 0 for varlen).
+
+Split plan. A program reduces a chunk of at most `chunk_rows` rows of one sequence. Padded:
+sequence b has `splits` chunks, program p -> (p // splits, p % splits). Varlen: sequence b has
+ceil(len_b / chunk_rows) chunks; their prefix sums (`chunk_offsets`, computed on the device, no
+host sync) map program p to its sequence by binary search. Partial results are combined in chunk
+order by a second kernel, so the result does not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# A chunk shorter than this costs more in partials traffic than it gains in parallelism.
+MIN_CHUNK_ROWS = 128
+# Resident programs per SM assumed when sizing the grid: the split aims for two such waves.
+PROGRAMS_PER_SM = 8
+
+
+@triton.jit
+def sequence_rows(seq, cu_seqlens_ptr, seq_len, num_rows, VARLEN: tl.constexpr):
+    """[start, end) rows of sequence `seq` (int64 scalars)."""
+    if VARLEN:
+        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+        end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+        start = tl.minimum(tl.maximum(start, 0), num_rows)
+        end = tl.minimum(tl.maximum(end, start), num_rows)
+    else:
+        start = tl.zeros([], dtype=tl.int64)
+        end = start + seq_len
+    return start, end
+
+
+@triton.jit
+def program_chunk(
+    pid, chunk_offsets_ptr, cu_seqlens_ptr, num_seqs, seq_len, num_rows, chunk_rows, splits, search_iters,
+    VARLEN: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """(sequence, first row, end row) of the chunk that program `pid` reduces.
+
+    Without SPLIT a program takes a whole sequence. Varlen programs past the last chunk get an
+    empty range (the grid is an upper bound on the chunk count).
+    """
+    if SPLIT:
+        if VARLEN:
+            # Largest sequence whose first chunk is <= pid.
+            lo = tl.zeros([], dtype=tl.int32)
+            hi = lo + num_seqs - 1
+            for _ in range(search_iters):
+                mid = (lo + hi + 1) // 2
+                go = tl.load(chunk_offsets_ptr + mid) <= pid
+                lo = tl.where(go, mid, lo)
+                hi = tl.where(go, hi, mid - 1)
+            seq = lo
+            chunk = pid - tl.load(chunk_offsets_ptr + seq)
+            in_range = pid < tl.load(chunk_offsets_ptr + num_seqs)
+        else:
+            seq = pid // splits
+            chunk = pid % splits
+            in_range = pid < num_seqs * splits
+        start, end = sequence_rows(seq, cu_seqlens_ptr, seq_len, num_rows, VARLEN)
+        first = start + chunk.to(tl.int64) * chunk_rows
+        last = tl.minimum(first + chunk_rows, end)
+        last = tl.where(in_range, last, first)
+    else:
+        seq = pid
+        first, last = sequence_rows(seq, cu_seqlens_ptr, seq_len, num_rows, VARLEN)
+    return seq, first, last
+
+
+@triton.jit
+def sequence_chunks(seq, chunk_offsets_ptr, splits, num_chunks, VARLEN: tl.constexpr):
+    """[first, end) chunk indices of sequence `seq`, clamped to the num_chunks partials allocated."""
+    if VARLEN:
+        first = tl.load(chunk_offsets_ptr + seq)
+        end = tl.load(chunk_offsets_ptr + seq + 1)
+    else:
+        first = seq * splits
+        end = first + splits
+    return tl.minimum(first, num_chunks), tl.minimum(end, num_chunks)
+
+
+@triton.jit
+def row_sequence(rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN: tl.constexpr):
+    """For a vector of global rows (int64): the sequence of each row, its position (what the forward
+    calls a row: l for padded, t for varlen) and whether the row belongs to its sequence at all."""
+    if VARLEN:
+        lo = tl.zeros(rows.shape, dtype=tl.int32)
+        hi = lo + num_seqs - 1
+        for _ in range(search_iters):
+            mid = (lo + hi + 1) // 2
+            go = tl.load(cu_seqlens_ptr + mid).to(tl.int64) <= rows
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+        seq = lo
+        start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+        end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+        start = tl.minimum(tl.maximum(start, 0), num_rows)
+        end = tl.minimum(tl.maximum(end, start), num_rows)
+        position = rows
+        inside = (rows >= start) & (rows < end)
+    else:
+        seq = (rows // seq_len).to(tl.int32)
+        position = rows % seq_len
+        inside = rows < num_rows
+    return seq, position, inside
+
+
+@triton.jit
+def _chunk_offsets_kernel(cu_seqlens_ptr, offsets_ptr, num_seqs, num_rows, chunk_rows, BLOCK: tl.constexpr):
+    """offsets[0] = 0, offsets[b + 1] = sum over sequences <= b of ceil(len / chunk_rows). One program."""
+    carry = tl.zeros([], dtype=tl.int32)
+    tl.store(offsets_ptr, carry)
+    for b0 in range(0, num_seqs, BLOCK):
+        seqs = b0 + tl.arange(0, BLOCK)
+        valid = seqs < num_seqs
+        start = tl.load(cu_seqlens_ptr + seqs, mask=valid, other=0).to(tl.int64)
+        end = tl.load(cu_seqlens_ptr + seqs + 1, mask=valid, other=0).to(tl.int64)
+        start = tl.minimum(tl.maximum(start, 0), num_rows)
+        end = tl.minimum(tl.maximum(end, start), num_rows)
+        chunks = ((end - start + chunk_rows - 1) // chunk_rows).to(tl.int32)
+        tl.store(offsets_ptr + seqs + 1, tl.cumsum(chunks, 0) + carry, mask=valid)
+        carry += tl.sum(chunks, 0)
+
+
+class SplitPlan(NamedTuple):
+    """How the forward spreads the sequence axis over programs."""
+
+    split: bool  # False: one program per (sequence, channel block), writing the final result
+    chunk_rows: int  # rows per chunk when split
+    splits: int  # padded: chunks per sequence
+    num_chunks: int  # programs along the sequence axis (varlen: an upper bound)
+    chunk_offsets: torch.Tensor | None  # varlen: (B + 1,) int32 prefix sums of chunks per sequence
+    search_iters: int  # binary-search steps over B sequences
+
+
+def search_iters(num_seqs: int) -> int:
+    return max(1, math.ceil(math.log2(max(num_seqs, 1))) + 1)
+
+
+def _resident_programs(device: torch.device) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return sms * PROGRAMS_PER_SM
+
+
+def plan_split(
+    num_seqs: int,
+    num_rows: int,
+    longest: int,
+    channel_blocks: int,
+    block_rows: int,
+    device: torch.device,
+    cu_seqlens: torch.Tensor | None = None,
+) -> SplitPlan:
+    """Splits sequences longer than a balanced share of the work into chunks.
+
+    num_rows: rows over all sequences (B * L padded, T varlen); longest: a bound on one sequence's
+    rows (L; varlen: the max_seqlen hint, else T). Short sequences keep one program each.
+    """
+    iters = search_iters(num_seqs)
+    share = triton.cdiv(num_rows * channel_blocks, 2 * _resident_programs(device))
+    chunk_rows = max(MIN_CHUNK_ROWS, triton.cdiv(share, block_rows) * block_rows)
+    if longest <= chunk_rows:
+        return SplitPlan(False, 0, 1, num_seqs, None, iters)
+    if cu_seqlens is None:
+        splits = triton.cdiv(longest, chunk_rows)
+        return SplitPlan(True, chunk_rows, splits, num_seqs * splits, None, iters)
+    # sum over b of ceil(len_b / chunk) <= T / chunk + B for non-overlapping segments; chunks past
+    # this bound (only possible with malformed, overlapping cu_seqlens) are dropped, never run OOB.
+    num_chunks = triton.cdiv(num_rows, chunk_rows) + num_seqs
+    offsets = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    _chunk_offsets_kernel[(1,)](cu_seqlens, offsets, num_seqs, num_rows, chunk_rows, BLOCK=1024)
+    return SplitPlan(True, chunk_rows, 1, num_chunks, offsets, iters)
+
+
+def channel_block(hidden: int, largest: int = 256) -> int:
+    """Channels per program: the largest power of two <= `largest` that wastes little of the last
+    block (768 -> 256, 384 -> 128, 1000 -> 256, 1 -> 16)."""
+    if hidden <= largest:
+        return max(16, triton.next_power_of_2(hidden))
+    block = largest
+    while block > 64 and (triton.cdiv(hidden, block) * block - hidden) * 8 > hidden:
+        block //= 2
+    return block

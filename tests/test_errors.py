@@ -1,0 +1,75 @@
+"""Every bad input in DESIGN.md raises ValueError / TypeError naming the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fused_pool
+from fused_pool import validate_cu_seqlens
+
+POOL_OPS = ["masked_mean", "masked_max", "masked_mean_max"]
+BACKENDS = [None, "torch"] + [b for b in ("triton", "cpu") if b in fused_pool.available_backends()]
+
+x3 = torch.randn(2, 5, 8)
+x2 = torch.randn(7, 8)
+cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+
+BAD_POOL_CALLS = [
+    # (args, kwargs, error, message fragment)
+    ((x3.numpy(),), {}, TypeError, "x must be a torch.Tensor"),
+    ((x3.long(),), {}, TypeError, "x must be float16, bfloat16, float32 or float64, got dtype torch.int64"),
+    ((x2,), {}, ValueError, r"x must be \(B, L, H\) when cu_seqlens is None, got shape \(7, 8\)"),
+    ((torch.randn(2, 5, 8, 1),), {}, ValueError, r"x must be \(B, L, H\)"),
+    ((x3, torch.ones(2, 4)), {}, ValueError, r"mask must be \(B, L\) = \(2, 5\) .* got shape \(2, 4\)"),
+    ((x3, torch.ones(5, 2)), {}, ValueError, r"mask must be \(B, L\)"),
+    ((x3, torch.ones(2, 5, dtype=torch.complex64)), {}, TypeError, "mask must be bool, integer or floating"),
+    ((x3, torch.ones(2, 5, device="meta")), {}, ValueError, "mask is on meta but x is on cpu"),
+    ((x2, torch.ones(7)), {"cu_seqlens": cu}, ValueError, "mask must be None when cu_seqlens is given"),
+    ((x2,), {"cu_seqlens": cu.float()}, TypeError, "cu_seqlens must be int32 or int64, got dtype torch.float32"),
+    ((x2,), {"cu_seqlens": cu[None]}, ValueError, r"cu_seqlens must be 1-D of shape \(B \+ 1,\), got shape \(1, 3\)"),
+    ((x2,), {"cu_seqlens": cu[:0]}, ValueError, "cu_seqlens must be 1-D"),
+    ((x2,), {"cu_seqlens": cu.to("meta")}, ValueError, "cu_seqlens is on meta but x is on cpu"),
+    ((x2,), {"cu_seqlens": [0, 3, 7]}, TypeError, "cu_seqlens must be a torch.Tensor"),
+    ((x3,), {"cu_seqlens": cu}, ValueError, r"x must be \(T, H\) or \(1, T, H\) when cu_seqlens is given"),
+    ((x2[None, None],), {"cu_seqlens": cu}, ValueError, r"x must be \(T, H\)"),
+    ((x2,), {"cu_seqlens": cu, "max_seqlen": 4.0}, TypeError, "max_seqlen must be a Python int"),
+    ((x2,), {"cu_seqlens": cu, "max_seqlen": torch.tensor(4)}, TypeError, "max_seqlen must be a Python int"),
+    ((x2,), {"cu_seqlens": cu, "max_seqlen": -1}, ValueError, "max_seqlen must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", POOL_OPS)
+@pytest.mark.parametrize("args, kwargs, error, message", BAD_POOL_CALLS)
+def test_bad_pool_input(op, backend, args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        getattr(fused_pool, op)(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("op", POOL_OPS)
+def test_bad_backend(op):
+    fn = getattr(fused_pool, op)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fn(x3, backend="tensorrt")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        fn(x3, backend=1)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run: .*"):
+        fn(x3, backend="cuda")
+
+
+def test_validate_cu_seqlens():
+    validate_cu_seqlens(torch.tensor([0, 0, 3, 7]), 7)
+    validate_cu_seqlens(torch.tensor([0], dtype=torch.int32), 0)
+    with pytest.raises(ValueError, match="must start at 0, got cu_seqlens\\[0\\] = 2"):
+        validate_cu_seqlens(torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match="non-decreasing, got cu_seqlens\\[1\\] = 5 > cu_seqlens\\[2\\] = 3"):
+        validate_cu_seqlens(torch.tensor([0, 5, 3, 8]))
+    with pytest.raises(ValueError, match="must end at T = 8, got cu_seqlens\\[-1\\] = 9"):
+        validate_cu_seqlens(torch.tensor([0, 9]), 8)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        validate_cu_seqlens(torch.tensor([0, -1]))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        validate_cu_seqlens(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="1-D"):
+        validate_cu_seqlens(torch.zeros(2, 2, dtype=torch.int64))

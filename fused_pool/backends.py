@@ -88,8 +88,12 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if any(unavailable_reason(b, d) is None for d in devices)]
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend a call on `device` uses; raises if the one asked for cannot run."""
+    """The backend a call on `device` uses; raises if the one asked for cannot run.
+
+    Under torch.compile the choice is made once, while tracing, and baked into the graph.
+    """
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
     if backend is not None:

@@ -4,6 +4,10 @@ Shapes: padded x (B, L, H) with an optional (B, L) mask (bool / integer: keep wh
 floating: per-token weights for masked_mean, keep where nonzero elsewhere); varlen x (T, H) or
 (1, T, H) with cu_seqlens (B + 1,) int32/int64 and no mask. Every op returns (B, H) (mean_max:
 (B, 2H)), contiguous, in x's dtype. A sequence with no kept token pools to 0 with zero gradients.
+
+Attention pooling takes scores (B, L) / (T,) for one head or (B, L, nh) / (T, nh) for nh heads
+(head k pools channels [k H/nh, (k+1) H/nh)), or a learned query (H,) / (nh, H/nh) whose scores
+(x_head . query_head) * scale are computed inside the kernel.
 """
 
 from __future__ import annotations
@@ -11,11 +15,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import reference
-from ._checks import check_pool_inputs
+from ._checks import check_pool_inputs, check_query, check_scale, check_scores
 from .backends import resolve_backend
-from .ops import MAX, MEAN, MEAN_MAX, pool
+from .ops import MAX, MEAN, MEAN_MAX, run
 
-__all__ = ["masked_mean", "masked_max", "masked_mean_max"]
+__all__ = ["masked_mean", "masked_max", "masked_mean_max", "attention_pool", "query_attention_pool"]
 
 
 def _pool(x, mask, cu_seqlens, max_seqlen, backend, mode, reference_fn) -> Tensor:
@@ -23,7 +27,7 @@ def _pool(x, mask, cu_seqlens, max_seqlen, backend, mode, reference_fn) -> Tenso
     backend = resolve_backend(backend, x.device)
     if backend == "torch":
         return reference_fn(x, mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    return pool(x, mask, cu_seqlens, max_seqlen, mode, backend)
+    return run("pool", backend, x, mask, cu_seqlens, max_seqlen, mode)
 
 
 def masked_mean(
@@ -62,3 +66,60 @@ def masked_mean_max(
 ) -> Tensor:
     """cat(masked_mean, masked_max) -> (B, 2H), both from one read of x."""
     return _pool(x, mask, cu_seqlens, max_seqlen, backend, MEAN_MAX, reference.masked_mean_max)
+
+
+def attention_pool(
+    x: Tensor,
+    scores: Tensor,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Softmax(scores)-weighted sum of each sequence's kept tokens -> (B, H).
+
+    scores: (B, L) or (B, L, nh) padded, (T,) or (T, nh) varlen, any floating dtype; head k pools
+    channels [k H/nh, (k+1) H/nh). Softmax statistics are float32. A sequence with no kept token,
+    or whose kept scores are all -inf, pools to 0 with zero gradients. Gradients flow to x and
+    scores.
+    """
+    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
+    check_scores(scores, x, cu_seqlens is not None)
+    backend = resolve_backend(backend, x.device)
+    if backend == "torch":
+        return reference.attention_pool(x, scores, mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if scores.dim() == x.dim() - 1:  # one head: (B, L) -> (B, L, 1), (T,) -> (T, 1)
+        scores = scores.unsqueeze(-1)
+    out = run("attention", backend, x, scores, mask, cu_seqlens, max_seqlen)
+    return out.to(x.dtype)
+
+
+def query_attention_pool(
+    x: Tensor,
+    query: Tensor,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Attention pooling with a learned query -> (B, H): scores (x_head . query_head) * scale,
+    computed inside the kernel, softmax over each sequence's kept tokens, weighted sum.
+
+    query: (H,) for one head or (nh, H/nh); scale defaults to 1/sqrt(H/nh). Gradients flow to x and
+    query (dquery summed over every sequence and token in a fixed order: deterministic).
+    """
+    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
+    num_heads = check_query(query, x)
+    check_scale(scale)
+    backend = resolve_backend(backend, x.device)
+    if backend == "torch":
+        return reference.query_attention_pool(
+            x, query, mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale
+        )
+    head_dim = x.shape[-1] // num_heads
+    scale = float(head_dim**-0.5 if scale is None else scale)
+    out = run("query_attention", backend, x, query.view(num_heads, head_dim), mask, cu_seqlens, max_seqlen, scale)
+    return out.to(x.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -58,6 +59,11 @@ def poisoned_allocations():
         torch.utils.deterministic.fill_uninitialized_memory = was_filling
 
 
+def stable_seed(*parts) -> int:
+    """A seed from test parameters that is the same in every process (unlike hash() of a str)."""
+    return zlib.crc32(repr(parts).encode())
+
+
 def make_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -93,3 +99,37 @@ def poison_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def cu_seqlens_of(lengths, dtype=torch.int32, device="cpu") -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=dtype, device=device)
+
+
+def outputs_and_grads(fn, inputs, grad, poisoned=False):
+    """fn(*leaves) and the gradients of <out, grad> with respect to every input, each input a fresh
+    leaf. With `poisoned`, every allocation inside is NaN-filled first."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with poisoned_allocations() if poisoned else contextlib.nullcontext():
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, grad)
+    return out, grads
+
+
+def random_like_output(shape, dtype, device, seed=0):
+    return torch.randn(shape, generator=make_generator(seed)).to(device, dtype)
+
+
+# Floor of the 2x rule below, relative to the largest exact value: PyTorch's own formulation can be
+# exact where a kernel's is not (one kept token: the softmax Jacobian is exactly 0 in autograd, while
+# p (g.x - g.out) cancels two float32 dot products).
+ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_within_reference_error(actual, reference_out, exact_out, dtype):
+    """flash-attention's rule: the max error of `actual` against a float64 computation is at most
+    twice the max error of the PyTorch reference run at the inputs' precision, plus a floor relative
+    to the largest exact value. Fits results that are long dot products."""
+    exact = exact_out.double()
+    nan = exact.isnan()
+    assert torch.equal(actual.isnan(), nan), "NaN in different places"
+    error = (actual.double() - exact).abs().masked_fill(nan, 0).max().item() if actual.numel() else 0.0
+    allowed = (reference_out.double() - exact).abs().masked_fill(nan, 0).max().item() if actual.numel() else 0.0
+    scale = max(1.0, exact.masked_fill(nan, 0).abs().max().item()) if actual.numel() else 1.0
+    floor = ERROR_FLOOR[dtype] * scale
+    assert error <= 2 * allowed + floor, f"error {error:.3g} > 2 x reference error {allowed:.3g} + {floor:.3g}"

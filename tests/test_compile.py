@@ -7,7 +7,7 @@ import torch
 from helpers import FUSED, assert_close, cu_seqlens_of
 
 import fused_pool
-from fused_pool.ops import MAX, MEAN, MEAN_MAX, pool_kernels
+from fused_pool.ops import MAX, MEAN, MEAN_MAX, kernels
 
 OPS = ["masked_mean", "masked_max", "masked_mean_max"]
 
@@ -41,7 +41,7 @@ def test_fullgraph_dynamic_matches_eager_without_recompiling(op, backend, device
 @pytest.mark.parametrize("backend, device", FUSED)
 @pytest.mark.parametrize("mode", [MEAN, MAX, MEAN_MAX])
 def test_opcheck(mode, backend, device):
-    op = pool_kernels(backend).forward_op
+    op = kernels(backend, "pool").forward_op
     x = torch.randn(3, 10, 8, device=device, requires_grad=True)
     mask = torch.rand(3, 10, device=device) > 0.3
     for args in [

@@ -11,9 +11,12 @@ from helpers import (
     assert_close,
     cu_seqlens_of,
     make_generator,
+    stable_seed,
     make_mask,
+    outputs_and_grads,
     poison_padding,
     poisoned_allocations,
+    random_like_output,
 )
 
 import fused_pool
@@ -30,25 +33,16 @@ LENGTHS = [[5, 0, 17, 1], [1], [300, 2, 0, 129], [0, 0, 700]]
 
 def run_op(op, backend, x, mask=None, grad=None, **kwargs):
     """Output and dx of a fused op, with every allocation poisoned."""
-    x = x.detach().requires_grad_()
-    with poisoned_allocations():
-        out = getattr(fused_pool, op)(x, mask, backend=backend, **kwargs)
-        (dx,) = torch.autograd.grad(out, x, grad)
-    return out, dx
-
-
-def run_reference(op, x, mask=None, grad=None, **kwargs):
-    x = x.detach().requires_grad_()
-    out = getattr(reference, op)(x, mask, **kwargs)
-    (dx,) = torch.autograd.grad(out, x, grad)
+    fn = lambda t: getattr(fused_pool, op)(t, mask, backend=backend, **kwargs)
+    out, (dx,) = outputs_and_grads(fn, [x], grad, poisoned=True)
     return out, dx
 
 
 def check_op(op, backend, x, mask=None, seed=0, **kwargs):
     """Compares output and dx with the reference; max results must match exactly."""
-    expected = getattr(reference, op)(x.detach(), mask, **kwargs)
-    grad = torch.randn(expected.shape, generator=make_generator(seed)).to(x.device, x.dtype)
-    ref_out, ref_dx = run_reference(op, x, mask, grad, **kwargs)
+    ref = lambda t: getattr(reference, op)(t, mask, **kwargs)
+    grad = random_like_output(ref(x).shape, x.dtype, x.device, seed)
+    ref_out, (ref_dx,) = outputs_and_grads(ref, [x], grad)
     out, dx = run_op(op, backend, x, mask, grad, **kwargs)
     assert out.dtype == x.dtype and out.is_contiguous() and out.shape == ref_out.shape
     assert dx.shape == x.shape and dx.dtype == x.dtype
@@ -70,7 +64,7 @@ def check_op(op, backend, x, mask=None, seed=0, **kwargs):
 @pytest.mark.parametrize("shape", PADDED_SHAPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_padded_matches_reference(op, shape, mask_kind, dtype, backend, device):
-    gen = make_generator(hash((op, shape, mask_kind)) % 2**31)
+    gen = make_generator(stable_seed((op, shape, mask_kind)))
     batch, length, hidden = shape
     x = torch.randn(shape, generator=gen).to(device, dtype)
     mask = make_mask(mask_kind, batch, length, gen)

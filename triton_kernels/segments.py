@@ -149,7 +149,7 @@ def search_iters(num_seqs: int) -> int:
     return max(1, math.ceil(math.log2(max(num_seqs, 1))) + 1)
 
 
-def _resident_programs(device: torch.device) -> int:
+def resident_programs(device: torch.device) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     return sms * PROGRAMS_PER_SM
 
@@ -169,7 +169,7 @@ def plan_split(
     rows (L; varlen: the max_seqlen hint, else T). Short sequences keep one program each.
     """
     iters = search_iters(num_seqs)
-    share = triton.cdiv(num_rows * channel_blocks, 2 * _resident_programs(device))
+    share = triton.cdiv(num_rows * channel_blocks, 2 * resident_programs(device))
     chunk_rows = max(MIN_CHUNK_ROWS, triton.cdiv(share, block_rows) * block_rows)
     if longest <= chunk_rows:
         return SplitPlan(False, 0, 1, num_seqs, None, iters)

@@ -73,3 +73,44 @@ def test_validate_cu_seqlens():
         validate_cu_seqlens(torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="1-D"):
         validate_cu_seqlens(torch.zeros(2, 2, dtype=torch.int64))
+
+
+scores3 = torch.randn(2, 5, 4)
+BAD_ATTENTION_CALLS = [
+    ((x3, torch.randn(2, 4)), {}, ValueError, r"scores must be \(B, L\) or \(B, L, nh\) matching x \(2, 5, 8\), got shape \(2, 4\)"),
+    ((x3, torch.randn(2, 5, 3)), {}, ValueError, "scores has nh = 3 heads, which must divide H = 8"),
+    ((x3, torch.randn(2, 5, 0)), {}, ValueError, "scores has nh = 0 heads"),
+    ((x3, torch.randn(5, 2)), {}, ValueError, r"scores must be \(B, L\)"),
+    ((x3, torch.randn(2, 5, 2, 1)), {}, ValueError, r"scores must be \(B, L\)"),
+    ((x3, torch.ones(2, 5, dtype=torch.long)), {}, TypeError, "scores must be a floating tensor, got dtype torch.int64"),
+    ((x3, scores3.to("meta")), {}, ValueError, "scores is on meta but x is on cpu"),
+    ((x3, scores3, torch.ones(2, 4)), {}, ValueError, r"mask must be \(B, L\)"),
+    ((x2, torch.randn(7, 3)), {"cu_seqlens": cu}, ValueError, "scores has nh = 3 heads, which must divide H = 8"),
+    ((x2, torch.randn(6)), {"cu_seqlens": cu}, ValueError, r"scores must be \(T,\) or \(T, nh\) matching x \(7, 8\)"),
+    ((x2, scores3), {"cu_seqlens": cu}, ValueError, r"scores must be \(T,\) or \(T, nh\)"),
+    ((x3.int(), scores3), {}, TypeError, "x must be float16"),
+]
+BAD_QUERY_CALLS = [
+    ((x3, torch.randn(7)), {}, ValueError, r"query must be \(H,\) = \(8,\) or \(nh, H/nh\) with nh dividing H, got \(7\)"),
+    ((x3, torch.randn(3, 3)), {}, ValueError, r"query must be \(H,\) = \(8,\) or \(nh, H/nh\)"),
+    ((x3, torch.randn(1, 2, 4)), {}, ValueError, r"query must be \(H,\)"),
+    ((x3, torch.ones(8, dtype=torch.int32)), {}, TypeError, "query must be a floating tensor"),
+    ((x3, torch.randn(8, device="meta")), {}, ValueError, "query is on meta but x is on cpu"),
+    ((x3, torch.randn(8)), {"scale": "0.5"}, TypeError, "scale must be a Python float or None, got str"),
+    ((x3, torch.randn(8)), {"scale": torch.tensor(0.5)}, TypeError, "scale must be a Python float"),
+    ((x3, torch.randn(8), torch.ones(2, 5)), {"cu_seqlens": cu}, ValueError, "mask must be None when cu_seqlens"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("args, kwargs, error, message", BAD_ATTENTION_CALLS)
+def test_bad_attention_input(backend, args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fused_pool.attention_pool(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("args, kwargs, error, message", BAD_QUERY_CALLS)
+def test_bad_query_attention_input(backend, args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fused_pool.query_attention_pool(*args, backend=backend, **kwargs)

@@ -50,18 +50,23 @@ def extension_has_cuda() -> bool:
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on tensors on `device`, or None if it can."""
+    return _unavailable_reason(backend, device.type, triton_interpret())
+
+
+@functools.cache
+def _unavailable_reason(backend: str, device: str, interpret: bool) -> str | None:
     if backend == "torch":
         return None
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU is available"
     if backend == "triton":
         if (error := _triton_import_error()) is not None:
             return error
-        if device.type == "cuda":
+        if device == "cuda":
             return None
-        if device.type == "cpu" and triton_interpret():
+        if device == "cpu" and interpret:
             return None
         return (
             f"the triton backend runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set "
@@ -73,7 +78,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
                 f"the {backend} backend needs the C++ extension fused_pool._C, which is not built "
                 "(reinstall with `pip install --no-build-isolation -e .`)"
             )
-        if device.type != backend:
+        if device != backend:
             return f"the {backend} backend runs on {backend.upper()} tensors; got tensors on {device}"
         if backend == "cuda" and not extension_has_cuda():
             return "fused_pool._C was built without CUDA kernels (no CUDA toolkit or a CPU build of torch)"
@@ -94,14 +99,17 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
     Under torch.compile the choice is made once, while tracing, and baked into the graph.
     """
-    if backend is None:
-        backend = os.environ.get(ENV_VAR) or None
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    return _resolve(backend or os.environ.get(ENV_VAR) or None, device.type, triton_interpret())
+
+
+@functools.cache
+def _resolve(backend: str | None, device: str, interpret: bool) -> str:
     if backend is not None:
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-        reason = unavailable_reason(backend, device)
+        reason = _unavailable_reason(backend, device, interpret)
         if reason is not None:
             raise RuntimeError(f"backend {backend!r} cannot run: {reason}")
         return backend
-    preferred = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
-    return next(b for b in preferred if unavailable_reason(b, device) is None)
+    preferred = ("triton", "cuda", "torch") if device == "cuda" else ("cpu", "torch")
+    return next(b for b in preferred if _unavailable_reason(b, device, interpret) is None)

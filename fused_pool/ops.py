@@ -15,8 +15,9 @@ pool `mode` is 1 (mean), 2 (max) or 3 (mean_max); `den` is sum(w) per sequence (
 running max and sum;
 scores are (B, L, nh) / (T, nh) and query (nh, H / nh).
 
-The Triton kernels are registered here as `fused_pool::triton_<kind>_fwd` / `_bwd`. Every
-registered forward op gets a fake kernel and autograd, so `torch.compile(fullgraph=True)` sees
+The Triton kernels are registered here as `fused_pool::triton_<kind>_fwd` / `_bwd`; the C++/CUDA
+extension registers its own as `fused_pool::ext_<kind>_fwd` / `_bwd` (csrc/). Every registered
+forward op gets a fake kernel and autograd, so `torch.compile(fullgraph=True)` sees
 one opaque op per call. Eager calls skip the dispatcher: a custom-op call costs ~11 us of Python
 on top of the kernel (measured on a 2-core CPU machine, torch 2.13), so they run the same kernels
 directly, through an `autograd.Function` when a gradient is needed. Both paths share each kind's
@@ -30,6 +31,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .backends import extension
 
 MEAN, MAX, MEAN_MAX = 1, 2, 3
 
@@ -108,20 +111,31 @@ def _num_seqs(x: Tensor, cu_seqlens: Tensor | None):
     return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
-def _register(kind, forward: Callable, backward: Callable, name: str) -> Kernels:
-    """Registers `fused_pool::<name>_fwd` / `_bwd` with fake kernels and autograd; returns the
-    eager kernels (the plain functions) with the registered forward op."""
-    forward_op = torch.library.custom_op(f"fused_pool::{name}_fwd", forward, mutates_args=())
-    backward_op = torch.library.custom_op(f"fused_pool::{name}_bwd", backward, mutates_args=())
-    forward_op.register_fake(kind.fake_forward)
-    backward_op.register_fake(kind.fake_backward)
-    registered_backward = getattr(torch.ops.fused_pool, f"{name}_bwd")
+def _register_autograd(kind, name: str) -> None:
+    """Fake kernels and autograd for the registered pair `fused_pool::<name>_fwd` / `_bwd`."""
+    torch.library.register_fake(f"fused_pool::{name}_fwd", kind.fake_forward)
+    torch.library.register_fake(f"fused_pool::{name}_bwd", kind.fake_backward)
+    registered_backward = getattr(torch.ops.fused_pool, f"{name}_bwd").default
 
     def input_grads(ctx, *grads):
         return kind.input_grads(ctx, registered_backward, *grads)
 
-    forward_op.register_autograd(input_grads, setup_context=kind.save)
-    return Kernels(forward, backward, getattr(torch.ops.fused_pool, f"{name}_fwd"))
+    torch.library.register_autograd(f"fused_pool::{name}_fwd", input_grads, setup_context=kind.save)
+
+
+def _register_python(kind, forward: Callable, backward: Callable, name: str) -> Kernels:
+    """Registers Python kernels as custom ops; eager calls use the plain functions."""
+    torch.library.custom_op(f"fused_pool::{name}_fwd", forward, mutates_args=())
+    torch.library.custom_op(f"fused_pool::{name}_bwd", backward, mutates_args=())
+    _register_autograd(kind, name)
+    return Kernels(forward, backward, getattr(torch.ops.fused_pool, f"{name}_fwd").default)
+
+
+def _register_extension(kind, name: str) -> Kernels:
+    """The extension's C++ ops (schemas and CPU / CUDA kernels registered by fused_pool._C)."""
+    _register_autograd(kind, name)
+    forward_op = getattr(torch.ops.fused_pool, f"{name}_fwd").default
+    return Kernels(forward_op, getattr(torch.ops.fused_pool, f"{name}_bwd").default, forward_op)
 
 
 # --- the Triton kernels, with the types the op schemas are inferred from ---------------------------
@@ -202,13 +216,22 @@ def _triton_query_attention_bwd(
 
 _KERNELS: dict[str, dict[str, Kernels]] = {
     "triton": {
-        "pool": _register(_Pool, _triton_pool_fwd, _triton_pool_bwd, "triton_pool"),
-        "attention": _register(_Attention, _triton_attention_fwd, _triton_attention_bwd, "triton_attention"),
-        "query_attention": _register(
+        "pool": _register_python(_Pool, _triton_pool_fwd, _triton_pool_bwd, "triton_pool"),
+        "attention": _register_python(_Attention, _triton_attention_fwd, _triton_attention_bwd, "triton_attention"),
+        "query_attention": _register_python(
             _Attention, _triton_query_attention_fwd, _triton_query_attention_bwd, "triton_query_attention"
         ),
     }
 }
+
+# The C++/CUDA extension: one set of ops for both the "cpu" and the "cuda" backend (the dispatcher
+# picks the kernel by device).
+if extension() is not None:
+    _KERNELS["cpu"] = _KERNELS["cuda"] = {
+        "pool": _register_extension(_Pool, "ext_pool"),
+        "attention": _register_extension(_Attention, "ext_attention"),
+        "query_attention": _register_extension(_Attention, "ext_query_attention"),
+    }
 
 
 def kernels(backend: str, kind: str) -> Kernels:

@@ -1,0 +1,170 @@
+// Semantics shared by the CPU kernels (g++) and the CUDA kernels (nvcc). Torch-free on purpose, so
+// that the .cu files that include it compile with nvcc alone.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FP_HOST_DEVICE inline
+#endif
+
+namespace fused_pool {
+
+// Where the rows of each sequence are. Padded: sequence b owns rows (positions) [0, L) at
+// x + b * stride_b + l * stride_row. Varlen: rows are tokens [cu[b], cu[b+1]) (clamped) at
+// x + t * stride_row (stride_b = 0).
+struct Geometry {
+  int64_t num_seqs;
+  int64_t seq_len;   // L (padded), 0 (varlen)
+  int64_t num_rows;  // B * L (padded), T (varlen)
+  int64_t hidden;
+  int64_t stride_b;
+  int64_t stride_row;
+  int64_t stride_h;
+  bool varlen;
+};
+
+// Pool modes: bit 1 = mean, bit 2 = max (mean_max = both).
+constexpr int kMean = 1;
+constexpr int kMax = 2;
+
+// cu_seqlens as the caller gave it: int32 or int64, contiguous.
+struct IndexView {
+  const void* data = nullptr;
+  bool is_int64 = false;
+  FP_HOST_DEVICE int64_t operator[](int64_t i) const {
+    return is_int64 ? static_cast<const int64_t*>(data)[i] : static_cast<const int32_t*>(data)[i];
+  }
+};
+
+// The (B, L) mask as the caller gave it, any strides, read without a converted copy. A floating mask
+// gives its value (the weight of masked_mean), any other mask 1 where nonzero; every op keeps w != 0.
+enum MaskKind : int { kNoMask = 0, kMaskUInt8 = 1, kMaskInt32 = 2, kMaskInt64 = 3, kMaskFloat32 = 4, kMaskFloat64 = 5 };
+
+struct MaskView {
+  const void* data = nullptr;
+  int kind = kNoMask;
+  int64_t stride_seq = 0;
+  int64_t stride_row = 0;
+
+  template <typename Acc>
+  FP_HOST_DEVICE Acc weight(int64_t seq, int64_t row) const {
+    const int64_t i = seq * stride_seq + row * stride_row;
+    switch (kind) {
+      case kMaskUInt8: return static_cast<const uint8_t*>(data)[i] != 0 ? Acc(1) : Acc(0);
+      case kMaskInt32: return static_cast<const int32_t*>(data)[i] != 0 ? Acc(1) : Acc(0);
+      case kMaskInt64: return static_cast<const int64_t*>(data)[i] != 0 ? Acc(1) : Acc(0);
+      case kMaskFloat32: return static_cast<Acc>(static_cast<const float*>(data)[i]);
+      case kMaskFloat64: return static_cast<Acc>(static_cast<const double*>(data)[i]);
+      default: return Acc(1);
+    }
+  }
+};
+
+// [start, end) rows of varlen sequence `seq`: cu_seqlens clamped to [0, num_rows], end >= start, so
+// that malformed values never reach memory out of bounds.
+FP_HOST_DEVICE void segment_bounds(IndexView cu_seqlens, int64_t seq, int64_t num_rows, int64_t& start, int64_t& end) {
+  start = cu_seqlens[seq];
+  end = cu_seqlens[seq + 1];
+  start = start < 0 ? 0 : (start > num_rows ? num_rows : start);
+  end = end < start ? start : (end > num_rows ? num_rows : end);
+}
+
+// The sequence of varlen row `row`: the largest seq in [0, num_seqs) with cu_seqlens[seq] <= row
+// (0 if none). Whether the row is inside that sequence is for the caller to check with its bounds.
+FP_HOST_DEVICE int64_t row_sequence(IndexView cu_seqlens, int64_t num_seqs, int64_t row) {
+  int64_t lo = 0, hi = num_seqs - 1;
+  while (lo < hi) {
+    int64_t mid = (lo + hi + 1) / 2;
+    if (cu_seqlens[mid] <= row) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Row `row` of the flattened (B * L or T) rows: its sequence, its position (what the forward calls a
+// row: l padded, t varlen) and whether it belongs to a sequence at all (varlen gaps and overlaps
+// from malformed cu_seqlens do not). The mask is for the caller to apply.
+FP_HOST_DEVICE bool locate_row(const Geometry& g, IndexView cu_seqlens, int64_t row, int64_t& seq, int64_t& position) {
+  if (g.varlen) {
+    seq = row_sequence(cu_seqlens, g.num_seqs, row);
+    int64_t start, end;
+    segment_bounds(cu_seqlens, seq, g.num_rows, start, end);
+    position = row;
+    return row >= start && row < end;
+  }
+  seq = row / g.seq_len;
+  position = row % g.seq_len;
+  return true;
+}
+
+template <typename Acc>
+FP_HOST_DEVICE bool is_nan(Acc v) {
+  return v != v;
+}
+
+// Running max over rows in increasing order: a row takes the max if it is greater, or if it is the
+// first NaN (NaN propagates as in torch.max); ties keep the earlier row. best_row < 0 means empty.
+template <typename Acc>
+FP_HOST_DEVICE bool takes_max(Acc value, Acc best, int32_t best_row) {
+  return best_row < 0 || (is_nan(value) && !is_nan(best)) || (!is_nan(best) && value > best);
+}
+
+// Merges two (max, row) candidates whose rows may interleave: NaN first, then the larger value,
+// then the smaller row. row < 0 means empty.
+template <typename Acc>
+FP_HOST_DEVICE void merge_max(Acc& best, int32_t& best_row, Acc value, int32_t row) {
+  if (row < 0) return;
+  bool take;
+  if (best_row < 0) {
+    take = true;
+  } else if (is_nan(value) != is_nan(best)) {
+    take = is_nan(value);
+  } else if (is_nan(value) || value == best) {
+    take = row < best_row;
+  } else {
+    take = value > best;
+  }
+  if (take) {
+    best = value;
+    best_row = row;
+  }
+}
+
+// Online softmax state of one head: running max m and running sum l of exp(s - m).
+template <typename Acc>
+struct SoftmaxState {
+  Acc m;
+  Acc l;
+};
+
+// exp(a - b) where -inf - -inf counts as exp(-inf) = 0 (an empty state).
+template <typename Acc>
+FP_HOST_DEVICE Acc exp_diff(Acc a, Acc b) {
+  return a == -INFINITY ? Acc(0) : std::exp(a - b);
+}
+
+// The new max after seeing `incoming_max`, and the factors that rescale the running state and the
+// incoming one to it: (m, alpha, beta). With both -inf everything is 0 (no NaN).
+template <typename Acc>
+FP_HOST_DEVICE Acc merged_max(Acc current, Acc incoming, Acc& alpha, Acc& beta) {
+  Acc m = current > incoming ? current : incoming;
+  if (is_nan(incoming)) m = incoming;
+  alpha = exp_diff(current, m);
+  beta = exp_diff(incoming, m);
+  return m;
+}
+
+// Softmax weight of a row from the saved statistics: exp(s - m) / l, or 0 for an empty head.
+template <typename Acc>
+FP_HOST_DEVICE Acc softmax_weight(Acc s, Acc m, Acc l) {
+  return l > Acc(0) ? std::exp(s - m) / l : Acc(0);
+}
+
+}  // namespace fused_pool

@@ -1,0 +1,237 @@
+// CPU masked mean / max / mean_max, forward and backward.
+//
+// Forward: a task reduces a range of rows of one sequence over a range of channels, reading each
+// kept row once into float32 accumulators (inner loops over contiguous channels, vectorized for
+// AVX-512 / AVX2 / SSE and picked at load time). Sequences longer than a chunk (fixed by the
+// shapes alone, never by the thread count) are split; their partials are combined in row order.
+// Backward: every row of dx is written once, in parallel over rows.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "../common.h"
+#include "../host.h"
+#include "cpu_common.h"
+
+namespace fused_pool {
+namespace {
+
+// Running max for one more row (rows come in increasing order; best already holds a kept row).
+template <typename T, typename Acc>
+FP_CPU_CLONES void max_row(Acc* __restrict best, int32_t* __restrict best_row, const T* __restrict x,
+                           int32_t row, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    Acc v = static_cast<Acc>(x[i]);
+    Acc b = best[i];
+    bool take = (v > b) | ((v != v) & (b == b));  // greater, or the first NaN
+    best[i] = take ? v : b;
+    best_row[i] = take ? row : best_row[i];
+  }
+}
+
+// dx = scale * g_mean + (argmax == position ? g_max : 0) over n channels (either term optional).
+template <typename T, typename Acc>
+FP_CPU_CLONES void pool_grad_row(T* __restrict dx, const Acc* __restrict g_mean, Acc scale,
+                                 const Acc* __restrict g_max, const int32_t* __restrict argmax,
+                                 int32_t position, int64_t n) {
+  if (g_mean != nullptr && g_max != nullptr) {
+    for (int64_t i = 0; i < n; ++i)
+      dx[i] = static_cast<T>(scale * g_mean[i] + (argmax[i] == position ? g_max[i] : Acc(0)));
+  } else if (g_mean != nullptr) {
+    for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<T>(scale * g_mean[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dx[i] = static_cast<T>(argmax[i] == position ? g_max[i] : Acc(0));
+  }
+}
+
+// What one task accumulates over its rows and channels.
+template <typename Acc>
+struct Partial {
+  std::vector<Acc> total;
+  Acc weight = 0;
+  std::vector<Acc> best;
+  std::vector<int32_t> best_row;  // -1: no kept row yet
+  Partial(int64_t n, int mode)
+      : total(mode & kMean ? n : 0, Acc(0)), best(mode & kMax ? n : 0, Acc(0)), best_row(mode & kMax ? n : 0, -1) {}
+};
+
+template <typename T, typename Acc>
+void reduce_rows(const T* x, const Batch& batch, const RowChunk& chunk, int64_t c0, int64_t n, int mode,
+                 Partial<Acc>& part, std::vector<T>& gathered) {
+  const Geometry& g = batch.geometry;
+  const T* x_seq = x + chunk.seq * g.stride_b + c0 * g.stride_h;
+  std::vector<Acc> block(mode & kMean ? n : 0, Acc(0));
+  Acc block_weight = 0;
+  int64_t kept = 0;
+  for (int64_t row = chunk.first; row < chunk.last; ++row) {
+    const Acc w = batch.mask.weight<Acc>(chunk.seq, row);
+    if (w == Acc(0)) continue;  // padding: never read
+    const T* values = contiguous_slice(x_seq + row * g.stride_row, g.stride_h, n, gathered);
+    if (mode & kMean) {
+      add_weighted_row(block.data(), values, w, n);
+      block_weight += w;
+      if ((kept + 1) % kSumBlockRows == 0) {
+        flush_block(part.total.data(), block.data(), n);
+        part.weight += block_weight;
+        block_weight = 0;
+      }
+    }
+    if (mode & kMax) {
+      if (kept == 0) {
+        for (int64_t i = 0; i < n; ++i) part.best[i] = static_cast<Acc>(values[i]);
+        std::fill(part.best_row.begin(), part.best_row.end(), static_cast<int32_t>(row));
+      } else {
+        max_row(part.best.data(), part.best_row.data(), values, static_cast<int32_t>(row), n);
+      }
+    }
+    ++kept;
+  }
+  if (mode & kMean) {
+    flush_block(part.total.data(), block.data(), n);
+    part.weight += block_weight;
+  }
+}
+
+template <typename T, typename Acc>
+void write_result(T* out, Acc* den, int32_t* argmax, const Partial<Acc>& part, int64_t seq, int64_t c0, int64_t n,
+                  int64_t hidden, int mode) {
+  T* out_row = out + seq * hidden * (mode == (kMean | kMax) ? 2 : 1);
+  if (mode & kMean) {
+    for (int64_t i = 0; i < n; ++i)
+      out_row[c0 + i] = static_cast<T>(part.weight != Acc(0) ? part.total[i] / part.weight : Acc(0));
+    if (c0 == 0) den[seq] = part.weight;
+    out_row += (mode & kMax) ? hidden : 0;
+  }
+  if (mode & kMax) {
+    for (int64_t i = 0; i < n; ++i) {
+      out_row[c0 + i] = static_cast<T>(part.best_row[i] >= 0 ? part.best[i] : Acc(0));
+      argmax[seq * hidden + c0 + i] = part.best_row[i];
+    }
+  }
+}
+
+template <typename T, typename Acc>
+void pool_forward_kernel(const at::Tensor& x, const Batch& batch, int mode, at::Tensor& out, at::Tensor& den,
+                         at::Tensor& argmax) {
+  const Geometry& g = batch.geometry;
+  const std::vector<RowChunk> chunks = plan_row_chunks(batch);
+  const ChannelSplit channels = split_channels(g.hidden, static_cast<int64_t>(chunks.size()));
+  const T* x_ptr = x.const_data_ptr<T>();
+  T* out_ptr = out.mutable_data_ptr<T>();
+  Acc* den_ptr = (mode & kMean) ? den.mutable_data_ptr<Acc>() : nullptr;
+  int32_t* argmax_ptr = (mode & kMax) ? argmax.mutable_data_ptr<int32_t>() : nullptr;
+
+  // Chunks of split sequences keep their partials here, indexed by task, until combined.
+  std::vector<std::unique_ptr<Partial<Acc>>> parts(chunks.size() * channels.count);
+  const int64_t work = g.num_rows * g.hidden;
+  parallel_tasks<std::vector<T>>(static_cast<int64_t>(parts.size()), work, [&](int64_t task, std::vector<T>& gathered) {
+    const RowChunk& chunk = chunks[task / channels.count];
+    const int64_t c0 = (task % channels.count) * channels.size;
+    const int64_t n = std::min(channels.size, g.hidden - c0);
+    auto part = std::make_unique<Partial<Acc>>(n, mode);
+    reduce_rows(x_ptr, batch, chunk, c0, n, mode, *part, gathered);
+    if (chunk.whole_sequence) {
+      write_result(out_ptr, den_ptr, argmax_ptr, *part, chunk.seq, c0, n, g.hidden, mode);
+    } else {
+      parts[task] = std::move(part);
+    }
+  });
+
+  // Combine split sequences: partials in row order, so the result does not depend on scheduling.
+  const std::vector<int64_t> starts = split_sequence_starts(chunks);
+  parallel_tasks<int>(static_cast<int64_t>(starts.size()) * channels.count, work, [&](int64_t task, int&) {
+    const int64_t first = starts[task / channels.count];
+    const int64_t channel_block = task % channels.count;
+    const int64_t c0 = channel_block * channels.size;
+    const int64_t n = std::min(channels.size, g.hidden - c0);
+    const int64_t seq = chunks[first].seq;
+    Partial<Acc> total(n, mode);
+    for (size_t c = first; c < chunks.size() && chunks[c].seq == seq; ++c) {
+      const Partial<Acc>& part = *parts[c * channels.count + channel_block];
+      if (mode & kMean) {
+        for (int64_t i = 0; i < n; ++i) total.total[i] += part.total[i];
+        total.weight += part.weight;
+      }
+      if (mode & kMax) {
+        for (int64_t i = 0; i < n; ++i) merge_max(total.best[i], total.best_row[i], part.best[i], part.best_row[i]);
+      }
+    }
+    write_result(out_ptr, den_ptr, argmax_ptr, total, seq, c0, n, g.hidden, mode);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                                                             const std::optional<at::Tensor>& cu_seqlens,
+                                                             std::optional<int64_t> max_seqlen, int64_t mode) {
+  (void)max_seqlen;  // the CPU plan reads the lengths directly
+  const Batch batch = make_batch(x, mask, cu_seqlens);
+  const Geometry& g = batch.geometry;
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  at::Tensor out = at::empty({g.num_seqs, g.hidden * (mode == (kMean | kMax) ? 2 : 1)}, x.options());
+  at::Tensor den = at::empty({(mode & kMean) ? g.num_seqs : 0}, x.options().dtype(acc));
+  at::Tensor argmax = (mode & kMax) ? at::empty({g.num_seqs, g.hidden}, x.options().dtype(at::kInt))
+                                    : at::empty({0}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_fwd_cpu", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    pool_forward_kernel<scalar_t, Acc>(x, batch, static_cast<int>(mode), out, den, argmax);
+  });
+  return {out, den, argmax};
+}
+
+template <typename T, typename Acc>
+void pool_backward_kernel(const at::Tensor& grad, const Batch& batch, const at::Tensor& den, const at::Tensor& argmax,
+                          int mode, at::Tensor& dx) {
+  const Geometry& g = batch.geometry;
+  const int64_t hidden = g.hidden;
+  const Acc* g_ptr = grad.const_data_ptr<Acc>();
+  const Acc* den_ptr = (mode & kMean) ? den.const_data_ptr<Acc>() : nullptr;
+  const int32_t* argmax_ptr = (mode & kMax) ? argmax.const_data_ptr<int32_t>() : nullptr;
+  T* dx_ptr = dx.mutable_data_ptr<T>();
+  at::parallel_for(0, g.num_rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* dx_row = dx_ptr + row * hidden;
+      int64_t seq, position;
+      const bool inside = locate_row(g, batch.cu_seqlens, row, seq, position);
+      const Acc w = inside ? batch.mask.weight<Acc>(seq, position) : Acc(0);
+      if (w == Acc(0)) {
+        std::fill(dx_row, dx_row + hidden, T(0));
+        continue;
+      }
+      const Acc* g_row = g_ptr + seq * grad.stride(0);
+      const Acc scale = (mode & kMean) && den_ptr[seq] != Acc(0) ? w / den_ptr[seq] : Acc(0);
+      pool_grad_row(dx_row, (mode & kMean) ? g_row : nullptr, scale,
+                    (mode & kMax) ? g_row + ((mode & kMean) ? hidden : 0) : nullptr,
+                    (mode & kMax) ? argmax_ptr + seq * hidden : nullptr, static_cast<int32_t>(position), hidden);
+    }
+  });
+}
+
+at::Tensor pool_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& mask,
+                        const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& den, const at::Tensor& argmax,
+                        at::IntArrayRef x_shape, at::ScalarType x_dtype, int64_t mode) {
+  at::Tensor dx = at::empty(x_shape, grad_out.options().dtype(x_dtype));
+  const Batch batch = make_batch(dx.sizes(), dx.strides(), mask, cu_seqlens);
+  if (dx.numel() == 0) return dx;
+  if (batch.geometry.num_seqs == 0) return dx.zero_();
+  const at::Tensor grad = grad_out.to(accumulation_type(x_dtype)).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "pool_bwd_cpu", [&] {
+    using Acc = at::opmath_type<scalar_t>;
+    pool_backward_kernel<scalar_t, Acc>(grad, batch, den, argmax, static_cast<int>(mode), dx);
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_pool, CPU, m) {
+  m.impl("ext_pool_fwd", &pool_fwd_cpu);
+  m.impl("ext_pool_bwd", &pool_bwd_cpu);
+}
+
+}  // namespace fused_pool

@@ -1,0 +1,64 @@
+// Host-side preparation shared by the CPU and CUDA kernels: the geometry of x and views of the mask
+// and cu_seqlens as the caller gave them. (Torch headers: never included by a .cu file.)
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "common.h"
+
+namespace fused_pool {
+
+// float64 accumulation for float64 inputs, float32 otherwise.
+inline at::ScalarType accumulation_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Everything a kernel needs to find each sequence's rows and their weights. The storage tensors
+// keep converted copies alive (only for mask dtypes the kernels do not read directly).
+struct Batch {
+  Geometry geometry{};
+  MaskView mask;
+  IndexView cu_seqlens;
+  at::Tensor mask_storage;
+  at::Tensor cu_storage;
+};
+
+// x given by its sizes and strides: (B, L, H) padded, (T, H) varlen.
+inline Batch make_batch(at::IntArrayRef sizes, at::IntArrayRef strides, const std::optional<at::Tensor>& mask,
+                        const std::optional<at::Tensor>& cu_seqlens) {
+  Batch batch;
+  if (cu_seqlens.has_value()) {
+    batch.geometry = {cu_seqlens->size(0) - 1, 0, sizes[0], sizes[1], 0, strides[0], strides[1], true};
+    batch.cu_storage = cu_seqlens->contiguous();
+    batch.cu_seqlens = {batch.cu_storage.const_data_ptr(), batch.cu_storage.scalar_type() == at::kLong};
+  } else {
+    batch.geometry = {sizes[0], sizes[1], sizes[0] * sizes[1], sizes[2], strides[0], strides[1], strides[2], false};
+  }
+  if (mask.has_value()) {
+    int kind;
+    batch.mask_storage = *mask;
+    switch (mask->scalar_type()) {
+      case at::kBool: batch.mask_storage = mask->view(at::kByte); kind = kMaskUInt8; break;
+      case at::kByte: kind = kMaskUInt8; break;
+      case at::kInt: kind = kMaskInt32; break;
+      case at::kLong: kind = kMaskInt64; break;
+      case at::kFloat: kind = kMaskFloat32; break;
+      case at::kDouble: kind = kMaskFloat64; break;
+      default:  // float16, bfloat16, int8, int16, ...: converted once, (B, L) small
+        kind = mask->is_floating_point() ? kMaskFloat32 : kMaskUInt8;
+        batch.mask_storage = mask->is_floating_point() ? mask->to(at::kFloat) : mask->ne(0).to(at::kByte);
+    }
+    batch.mask = {batch.mask_storage.const_data_ptr(), kind, batch.mask_storage.stride(0),
+                  batch.mask_storage.stride(1)};
+  }
+  return batch;
+}
+
+inline Batch make_batch(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                        const std::optional<at::Tensor>& cu_seqlens) {
+  return make_batch(x.sizes(), x.strides(), mask, cu_seqlens);
+}
+
+}  // namespace fused_pool

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import fused_pool
-from fused_pool.backends import resolve_backend, triton_interpret, unavailable_reason
+from fused_pool.backends import extension, resolve_backend, triton_interpret, unavailable_reason
 
 
 def test_available_backends_lists_what_runs():
@@ -15,6 +17,13 @@ def test_available_backends_lists_what_runs():
     assert set(available) <= {"triton", "cuda", "cpu", "torch"}
     if "triton" in available and not torch.cuda.is_available():
         assert triton_interpret()
+
+
+@pytest.mark.skipif(os.environ.get("FUSED_POOL_REQUIRE_EXTENSION") != "1", reason="FUSED_POOL_REQUIRE_EXTENSION unset")
+def test_extension_was_built():
+    assert extension() is not None, "fused_pool._C did not build or import"
+    assert "cpu" in fused_pool.available_backends()
+    assert resolve_backend(None, torch.device("cpu")) == "cpu"
 
 
 def test_default_on_cpu_is_never_the_interpreter():

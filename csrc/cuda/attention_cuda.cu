@@ -1,0 +1,338 @@
+// CUDA attention_pool and query_attention_pool, forward and backward. Torch-free.
+//
+// Forward: like the pool forward (32 x 8 threads, VEC channels per thread, rows in groups of
+// kRowsInFlight), each thread running an online softmax over its rows for one head's channels:
+// running max m, running sum l, accumulator of p * x, rescaled when m grows. Row groups and, for
+// long sequences, chunks are merged in a fixed order exactly as split softmax does. Query mode
+// first computes the scores (one warp per row and head).
+// Backward: one warp per (row, head): p = exp(s - m) / l, ds = p * g . (x - out), then
+// dx = p * g (+ ds * scale * q). dquery: per-chunk partials of scale * ds * x (query_gradient).
+#include <cuda_runtime.h>
+
+#include "../common.h"
+#include "device.cuh"
+#include "launch.h"
+
+namespace fused_pool {
+namespace cuda {
+namespace {
+
+template <typename Acc, int VEC>
+struct SoftmaxAcc {
+  Acc m;
+  Acc l;
+  Acc acc[VEC];
+
+  __device__ __forceinline__ void init() {
+    m = -INFINITY;
+    l = Acc(0);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = Acc(0);
+  }
+
+  // Adds one row with score s and values v (skipped when its weight is 0, i.e. s = -inf).
+  __device__ __forceinline__ void add(Acc s, const Acc (&v)[VEC]) {
+    if (s == -INFINITY) return;
+    if (!(s <= m)) {  // a new max (or NaN, which propagates)
+      const Acc alpha = exp_diff(m, s);
+      l *= alpha;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] *= alpha;
+      m = s;
+    }
+    const Acc p = exp(s - m);
+    l += p;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] += p * v[i];
+  }
+
+  // Merges another state (rows of another group or chunk).
+  __device__ __forceinline__ void merge(Acc other_m, Acc other_l, const Acc* other_acc) {
+    Acc alpha, beta;
+    m = merged_max(m, other_m, alpha, beta);
+    l = l * alpha + other_l * beta;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = acc[i] * alpha + other_acc[i] * beta;
+  }
+};
+
+template <typename Acc, int VEC>
+__device__ __forceinline__ void write_attention(const AttentionForward& a, int64_t seq, int64_t head, int64_t c,
+                                                bool active, bool writes_stats, const SoftmaxAcc<Acc, VEC>& st) {
+  if (active) {
+    Acc* out = static_cast<Acc*>(a.out) + seq * a.geometry.hidden + c;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out[i] = st.l > Acc(0) ? st.acc[i] / st.l : Acc(0);
+  }
+  if (writes_stats) {
+    Acc* stats = static_cast<Acc*>(a.stats) + (seq * a.num_heads + head) * 2;
+    stats[0] = st.m;
+    stats[1] = st.l;
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarp* kRowGroups) attention_forward_kernel(AttentionForward a) {
+  using Acc = typename AccOf<T>::type;
+  const Geometry& g = a.geometry;
+  const int64_t tiles_per_head = ceil_div(a.head_dim, kWarp * VEC);
+  const int64_t head = blockIdx.y / tiles_per_head;
+  const int64_t d0 = (blockIdx.y % tiles_per_head) * kWarp * VEC + threadIdx.x * VEC;  // within the head
+  const bool active = d0 < a.head_dim;
+  const int64_t c = head * a.head_dim + d0;
+  const ChunkRange range = block_chunk(blockIdx.x, g, a.cu_seqlens, a.plan);
+  const T* x = static_cast<const T*>(a.x) + range.seq * g.stride_b;
+  const Acc* scores = static_cast<const Acc*>(a.scores);
+
+  SoftmaxAcc<Acc, VEC> st;
+  st.init();
+  const int64_t step = static_cast<int64_t>(kRowGroups) * kRowsInFlight;
+  for (int64_t row0 = range.first + threadIdx.y * kRowsInFlight; row0 < range.last; row0 += step) {
+    Acc s[kRowsInFlight];
+    Acc v[kRowsInFlight][VEC];
+#pragma unroll
+    for (int k = 0; k < kRowsInFlight; ++k) {  // issue every load first
+      const int64_t row = row0 + k;
+      s[k] = -INFINITY;
+      if (row < range.last && a.mask.weight<Acc>(range.seq, row) != Acc(0)) {
+        s[k] = scores[(range.seq * g.seq_len + row) * a.num_heads + head];
+        if (active) load_channels<T, VEC>(x + row * g.stride_row, c, g.stride_h, v[k]);
+      }
+      if (!active) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[k][i] = Acc(0);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRowsInFlight; ++k) st.add(s[k], v[k]);  // rows in order
+  }
+
+  __shared__ SoftmaxAcc<Acc, VEC> shared[kRowGroups][kWarp];
+  shared[threadIdx.y][threadIdx.x] = st;
+  __syncthreads();
+  if (threadIdx.y != 0) return;
+  for (int y = 1; y < kRowGroups; ++y) {
+    const SoftmaxAcc<Acc, VEC>& other = shared[y][threadIdx.x];
+    st.merge(other.m, other.l, other.acc);
+  }
+  const bool writes_stats = blockIdx.y % tiles_per_head == 0 && threadIdx.x == 0;
+  if (!a.plan.split) {
+    write_attention<Acc, VEC>(a, range.seq, head, c, active, writes_stats, st);
+    return;
+  }
+  if (writes_stats) {
+    static_cast<Acc*>(a.part_m)[blockIdx.x * a.num_heads + head] = st.m;
+    static_cast<Acc*>(a.part_l)[blockIdx.x * a.num_heads + head] = st.l;
+  }
+  if (active) {
+    Acc* part = static_cast<Acc*>(a.part_acc) + static_cast<int64_t>(blockIdx.x) * g.hidden + c;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) part[i] = st.acc[i];
+  }
+}
+
+// Merges one sequence's chunk partials in chunk order; one thread per channel.
+template <typename Acc>
+__global__ void attention_combine_kernel(AttentionForward a) {
+  const int64_t seq = blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const bool active = c < a.geometry.hidden;
+  const int64_t head = active ? c / a.head_dim : 0;
+  int64_t first, end;
+  sequence_chunks(seq, a.plan, a.geometry.varlen, first, end);
+  SoftmaxAcc<Acc, 1> st;
+  st.init();
+  for (int64_t chunk = first; chunk < end && active; ++chunk) {
+    const Acc part = static_cast<const Acc*>(a.part_acc)[chunk * a.geometry.hidden + c];
+    st.merge(static_cast<const Acc*>(a.part_m)[chunk * a.num_heads + head],
+             static_cast<const Acc*>(a.part_l)[chunk * a.num_heads + head], &part);
+  }
+  write_attention<Acc, 1>(a, seq, head, c, active, active && c % a.head_dim == 0, st);
+}
+
+// Sum over d < head_dim of f(x_head[d], d) for one row, by one warp (every lane gets the result).
+template <typename T, int VEC, typename Acc, typename F>
+__device__ __forceinline__ Acc warp_row_sum(const T* x_head, int64_t stride_h, int64_t head_dim, F f) {
+  Acc total = Acc(0);
+  for (int64_t d = threadIdx.x * VEC; d < head_dim; d += kWarp * VEC) {
+    Acc v[VEC];
+    load_channels<T, VEC>(x_head, d, stride_h, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) total += f(v[i], d + i);
+  }
+  return warp_sum(total);
+}
+
+// One warp per (row, head): the row's score from the query.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarp* kRowGroups) query_scores_kernel(QueryScores a) {
+  using Acc = typename AccOf<T>::type;
+  const Geometry& g = a.geometry;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowGroups + threadIdx.y;
+  const int64_t head = blockIdx.y;
+  if (row >= g.num_rows) return;
+  int64_t seq, position;
+  if (!locate_row(g, a.cu_seqlens, row, seq, position) || a.mask.weight<Acc>(seq, position) == Acc(0)) return;
+  const T* x_head =
+      static_cast<const T*>(a.x) + seq * g.stride_b + position * g.stride_row + head * a.head_dim * g.stride_h;
+  const Acc* q = static_cast<const Acc*>(a.query) + head * a.head_dim;
+  const Acc dot = warp_row_sum<T, VEC, Acc>(x_head, g.stride_h, a.head_dim, [&](Acc v, int64_t d) { return v * q[d]; });
+  if (threadIdx.x == 0) static_cast<Acc*>(a.scores)[row * a.num_heads + head] = static_cast<Acc>(a.scale) * dot;
+}
+
+template <typename T, int VEC, bool QUERY>
+__global__ void __launch_bounds__(kWarp* kRowGroups) attention_backward_kernel(AttentionBackward a) {
+  using Acc = typename AccOf<T>::type;
+  const Geometry& g = a.geometry;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowGroups + threadIdx.y;
+  const int64_t head = blockIdx.y;
+  if (row >= g.num_rows) return;
+  const int64_t D = a.head_dim, c0 = head * D;
+  T* dx = static_cast<T*>(a.dx) + row * g.hidden + c0;
+  Acc* ds_out = static_cast<Acc*>(a.ds) + row * a.num_heads + head;
+  int64_t seq, position;
+  const bool kept = locate_row(g, a.cu_seqlens, row, seq, position) && a.mask.weight<Acc>(seq, position) != Acc(0);
+  const Acc* stats = static_cast<const Acc*>(a.stats) + (seq * a.num_heads + head) * 2;
+  if (!kept || !(stats[1] > Acc(0))) {  // padding or an empty head: zero gradients
+    const Acc zeros[VEC] = {};
+    for (int64_t d = threadIdx.x * VEC; d < D; d += kWarp * VEC) {
+      if constexpr (VEC == 1) {
+        dx[d] = from_acc<T>(zeros[0]);
+      } else {
+        store_channels<T, VEC>(dx + d, zeros);
+      }
+    }
+    if (threadIdx.x == 0) *ds_out = Acc(0);
+    return;
+  }
+  const T* x_row = static_cast<const T*>(a.x) + seq * g.stride_b + position * g.stride_row;
+  const Acc* grad = static_cast<const Acc*>(a.grad) + seq * g.hidden;
+  const Acc* out = static_cast<const Acc*>(a.out) + seq * g.hidden;
+  const Acc* q = QUERY ? static_cast<const Acc*>(a.query) + c0 : nullptr;
+  // Pass 1: g . (x - out) (and x . q in query mode), subtracting first so that ds is exact where
+  // it is 0 (a row that takes all the weight).
+  Acc g_dot = Acc(0), q_dot = Acc(0);
+  for (int64_t d = threadIdx.x * VEC; d < D; d += kWarp * VEC) {
+    Acc v[VEC];
+    load_channels<T, VEC>(x_row, c0 + d, g.stride_h, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      g_dot += grad[c0 + d + i] * (v[i] - out[c0 + d + i]);
+      if (QUERY) q_dot += v[i] * q[d + i];
+    }
+  }
+  g_dot = warp_sum(g_dot);
+  const Acc s = QUERY ? static_cast<Acc>(a.scale) * warp_sum(q_dot)
+                      : static_cast<const Acc*>(a.scores)[row * a.num_heads + head];
+  const Acc p = softmax_weight(s, stats[0], stats[1]);
+  const Acc ds = p * g_dot;
+  // Pass 2: dx.
+  const Acc q_scale = static_cast<Acc>(a.scale) * ds;
+  for (int64_t d = threadIdx.x * VEC; d < D; d += kWarp * VEC) {
+    Acc values[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) values[i] = p * grad[c0 + d + i] + (QUERY ? q_scale * q[d + i] : Acc(0));
+    if constexpr (VEC == 1) {
+      dx[d] = from_acc<T>(values[0]);
+    } else {
+      store_channels<T, VEC>(dx + d, values);
+    }
+  }
+  if (threadIdx.x == 0) *ds_out = ds;
+}
+
+// partials[chunk, c] = scale * sum over the chunk's rows of ds[row, head(c)] * x[row, c].
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarp* kRowGroups) query_gradient_kernel(QueryGradient a) {
+  using Acc = typename AccOf<T>::type;
+  const Geometry& g = a.geometry;
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * kWarp + threadIdx.x) * VEC;
+  const bool active = c < g.hidden;
+  const int64_t head = active ? c / a.head_dim : 0;  // VEC divides head_dim: one head per thread
+  const Acc* ds = static_cast<const Acc*>(a.ds);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * a.rows_per_chunk;
+  const int64_t last = min(first + a.rows_per_chunk, g.num_rows);
+  Acc total[VEC] = {};
+  for (int64_t row = first + threadIdx.y; row < last && active; row += kRowGroups) {
+    const Acc weight = ds[row * a.num_heads + head];
+    if (weight == Acc(0)) continue;  // padding, empty heads and rows with no weight
+    int64_t seq, position;
+    locate_row(g, a.cu_seqlens, row, seq, position);
+    Acc v[VEC];
+    load_channels<T, VEC>(static_cast<const T*>(a.x) + seq * g.stride_b + position * g.stride_row, c, g.stride_h, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) total[i] += weight * v[i];
+  }
+  __shared__ Acc shared[kRowGroups][kWarp * VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) shared[threadIdx.y][threadIdx.x * VEC + i] = total[i];
+  __syncthreads();
+  if (threadIdx.y != 0 || !active) return;
+  for (int y = 1; y < kRowGroups; ++y) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) total[i] += shared[y][threadIdx.x * VEC + i];
+  }
+  Acc* part = static_cast<Acc*>(a.partials) + static_cast<int64_t>(blockIdx.x) * g.hidden + c;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) part[i] = static_cast<Acc>(a.scale) * total[i];
+}
+
+template <typename T, int VEC>
+struct Launch {
+  using Acc = typename AccOf<T>::type;
+  static void forward(const AttentionForward& a, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>(a.plan.num_chunks),
+                    static_cast<unsigned>(a.num_heads * ceil_div(a.head_dim, kWarp * VEC)));
+    attention_forward_kernel<T, VEC><<<grid, dim3(kWarp, kRowGroups), 0, stream>>>(a);
+    if (a.plan.split) {
+      const dim3 combine_grid(static_cast<unsigned>(a.geometry.num_seqs),
+                              static_cast<unsigned>(ceil_div(a.geometry.hidden, 256)));
+      attention_combine_kernel<Acc><<<combine_grid, 256, 0, stream>>>(a);
+    }
+  }
+  static void scores(const QueryScores& a, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.geometry.num_rows, kRowGroups)), static_cast<unsigned>(a.num_heads));
+    query_scores_kernel<T, VEC><<<grid, dim3(kWarp, kRowGroups), 0, stream>>>(a);
+  }
+  static void backward(const AttentionBackward& a, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.geometry.num_rows, kRowGroups)), static_cast<unsigned>(a.num_heads));
+    if (a.query != nullptr) {
+      attention_backward_kernel<T, VEC, true><<<grid, dim3(kWarp, kRowGroups), 0, stream>>>(a);
+    } else {
+      attention_backward_kernel<T, VEC, false><<<grid, dim3(kWarp, kRowGroups), 0, stream>>>(a);
+    }
+  }
+  static void query_gradient(const QueryGradient& a, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.geometry.num_rows, a.rows_per_chunk)),
+                    static_cast<unsigned>(ceil_div(a.geometry.hidden, kWarp * VEC)));
+    query_gradient_kernel<T, VEC><<<grid, dim3(kWarp, kRowGroups), 0, stream>>>(a);
+  }
+};
+
+// Calls Launch<T, VEC>::method with VEC = 16 bytes' worth of T when vec > 1, else 1.
+#define FUSED_POOL_DISPATCH(ARGS, METHOD, STREAM)                                                       \
+  switch ((ARGS).dtype) {                                                                              \
+    case kFloat16: (ARGS).vec > 1 ? Launch<__half, 8>::METHOD(ARGS, STREAM) : Launch<__half, 1>::METHOD(ARGS, STREAM); break; \
+    case kBFloat16:                                                                                    \
+      (ARGS).vec > 1 ? Launch<__nv_bfloat16, 8>::METHOD(ARGS, STREAM) : Launch<__nv_bfloat16, 1>::METHOD(ARGS, STREAM); \
+      break;                                                                                           \
+    case kFloat32: (ARGS).vec > 1 ? Launch<float, 4>::METHOD(ARGS, STREAM) : Launch<float, 1>::METHOD(ARGS, STREAM); break; \
+    case kFloat64: (ARGS).vec > 1 ? Launch<double, 2>::METHOD(ARGS, STREAM) : Launch<double, 1>::METHOD(ARGS, STREAM); break; \
+  }
+
+}  // namespace
+
+void attention_forward(const AttentionForward& args, cudaStream_t stream) { FUSED_POOL_DISPATCH(args, forward, stream) }
+
+void query_scores(const QueryScores& args, cudaStream_t stream) { FUSED_POOL_DISPATCH(args, scores, stream) }
+
+void attention_backward(const AttentionBackward& args, cudaStream_t stream) {
+  FUSED_POOL_DISPATCH(args, backward, stream)
+}
+
+void query_gradient(const QueryGradient& args, cudaStream_t stream) {
+  FUSED_POOL_DISPATCH(args, query_gradient, stream)
+}
+
+}  // namespace cuda
+}  // namespace fused_pool

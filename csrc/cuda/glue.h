@@ -1,0 +1,69 @@
+// Torch-side helpers for the CUDA glue (.cpp): dtype codes, vector width, device properties, plan.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../host.h"
+#include "launch.h"
+
+namespace fused_pool {
+
+inline cuda::DType cuda_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return cuda::kFloat16;
+    case at::kBFloat16: return cuda::kBFloat16;
+    case at::kFloat: return cuda::kFloat32;
+    case at::kDouble: return cuda::kFloat64;
+    default: TORCH_CHECK(false, "fused_pool: unsupported dtype ", dtype);
+  }
+}
+
+// 16 bytes' worth of channels per load when every row (and head) starts 16-byte aligned and the
+// channels are contiguous; 1 otherwise.
+inline int vector_width(const Geometry& g, const void* data, int64_t element_size, int64_t head_dim) {
+  const int64_t vec = 16 / element_size;
+  const bool aligned = g.stride_h == 1 && g.hidden % vec == 0 && head_dim % vec == 0 && g.stride_row % vec == 0 &&
+                       g.stride_b % vec == 0 && reinterpret_cast<uintptr_t>(data) % 16 == 0;
+  return aligned ? static_cast<int>(vec) : 1;
+}
+
+// Streaming multiprocessors of the current device (queried once per device).
+inline int64_t multiprocessors() {
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};
+  const int device = c10::cuda::current_device();
+  if (device < kMaxDevices && counts[device] > 0) return counts[device];
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device < kMaxDevices) counts[device] = count;
+  return count;
+}
+
+// Rows bounding one sequence: L padded; varlen the max_seqlen hint if given, else T.
+inline int64_t longest_sequence(const Geometry& g, std::optional<int64_t> max_seqlen) {
+  if (!g.varlen) return g.seq_len;
+  return max_seqlen.has_value() ? std::min(*max_seqlen, g.num_rows) : g.num_rows;
+}
+
+// Plans the split and, for varlen, computes the chunk offsets on the device (no host sync).
+inline cuda::SplitPlan plan_on_device(const Batch& batch, std::optional<int64_t> max_seqlen, int64_t channel_tiles,
+                                      at::Tensor& offsets_storage, const at::TensorOptions& options) {
+  const Geometry& g = batch.geometry;
+  cuda::SplitPlan plan =
+      cuda::plan_split(g.num_seqs, g.num_rows, longest_sequence(g, max_seqlen), channel_tiles, multiprocessors(), g.varlen);
+  if (plan.split && g.varlen) {
+    offsets_storage = at::empty({g.num_seqs + 1}, options.dtype(at::kInt));
+    cuda::chunk_offsets(batch.cu_seqlens, g.num_seqs, g.num_rows, plan.chunk_rows, offsets_storage.mutable_data_ptr<int32_t>(),
+                        c10::cuda::getCurrentCUDAStream());
+    plan.chunk_offsets = offsets_storage.const_data_ptr<int32_t>();
+  }
+  return plan;
+}
+
+}  // namespace fused_pool

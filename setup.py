@@ -21,7 +21,11 @@ def _build_cuda() -> bool:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    missing = [what for what, ok in (("a CUDA build of torch", torch.version.cuda), ("a CUDA toolkit", CUDA_HOME)) if not ok]
+    missing = [
+        what
+        for what, ok in (("a CUDA build of torch", torch.version.cuda), ("a CUDA toolkit", CUDA_HOME))
+        if not ok
+    ]
     if FLAG in ("1", "true", "yes", "on") and missing:
         raise RuntimeError(f"FUSED_POOL_CUDA=1 but there is no {' and no '.join(missing)}")
     return not missing
@@ -43,7 +47,9 @@ def _extension():
             extra_link_args=["-fopenmp"],
         )
     else:
-        extension = CppExtension("fused_pool._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        extension = CppExtension(
+            "fused_pool._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        )
     return [extension], {"build_ext": BuildExtension}
 
 

@@ -36,9 +36,7 @@ class Case:
 def full_sweep() -> list[Case]:
     """The shapes that matter to users (GPU sweep)."""
     cases = [
-        Case("padded", 32, 512, hidden, kept)
-        for hidden in (768, 1024, 4096)
-        for kept in (1.0, 0.7, 0.4)
+        Case("padded", 32, 512, hidden, kept) for hidden in (768, 1024, 4096) for kept in (1.0, 0.7, 0.4)
     ]
     cases += [
         Case("padded", 256, 64, 384, 0.7),

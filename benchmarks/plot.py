@@ -21,8 +21,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 OPS = ("masked_mean", "masked_max", "masked_mean_max", "attention_pool", "query_attention_pool")
 COLORS = {
-    "fused_pool:triton": "#1f77b4", "fused_pool:cuda": "#17becf", "fused_pool:cpu": "#2ca02c",
-    "torch:eager": "#d62728", "torch:compile": "#ff7f0e", "torch:segment_reduce": "#9467bd", "st:pooling": "#8c564b",
+    "fused_pool:triton": "#1f77b4",
+    "fused_pool:cuda": "#17becf",
+    "fused_pool:cpu": "#2ca02c",
+    "torch:eager": "#d62728",
+    "torch:compile": "#ff7f0e",
+    "torch:segment_reduce": "#9467bd",
+    "st:pooling": "#8c564b",
 }
 
 
@@ -53,7 +58,7 @@ def plot_gbps(rows: list[dict], mode: str, path: Path) -> Path | None:
         return None
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]
     fig, axes = plt.subplots(len(ops), 1, figsize=(12, 3.2 * len(ops)), squeeze=False)
-    for ax, op in zip(axes[:, 0], ops):
+    for ax, op in zip(axes[:, 0], ops, strict=True):
         op_rows = [r for r in rows if r["op"] == op]
         cases = list(dict.fromkeys(f"{_case(r)} {r['dtype']}" for r in op_rows))
         names = list(dict.fromkeys(r["provider"] for r in op_rows))
@@ -64,7 +69,9 @@ def plot_gbps(rows: list[dict], mode: str, path: Path) -> Path | None:
             ax.bar(xs, [values[c] for c in cases if c in values], width, label=name, color=COLORS.get(name))
         copy_bw = float(op_rows[0]["copy_bw_gbps"])
         ax.axhline(copy_bw, color="gray", linestyle="--", linewidth=1, label="device copy")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, rotation=15, fontsize=7, ha="right")
+        ax.set_xticks(
+            [j + 0.4 - width / 2 for j in range(len(cases))], cases, rotation=15, fontsize=7, ha="right"
+        )
         ax.set_ylabel("GB/s (byte floor)")
         ax.set_title(f"{op} {mode}", fontsize=10)
         ax.legend(fontsize=7, ncol=4)
@@ -75,7 +82,9 @@ def plot_gbps(rows: list[dict], mode: str, path: Path) -> Path | None:
     return path
 
 
-def _speedups(rows: list[dict], mode: str = "fwd+bwd") -> dict[str, dict[str, tuple[float | None, float | None]]]:
+def _speedups(
+    rows: list[dict], mode: str = "fwd+bwd"
+) -> dict[str, dict[str, tuple[float | None, float | None]]]:
     """op -> case -> (speedup over eager, over compile) of the fastest fused backend."""
     times: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     for r in rows:
@@ -86,8 +95,10 @@ def _speedups(rows: list[dict], mode: str = "fwd+bwd") -> dict[str, dict[str, tu
         best = _best_fused(by_provider)
         if best is None:
             continue
-        ratio = lambda name: by_provider[name] / best if name in by_provider else None
-        result[op][case] = (ratio("torch:eager"), ratio("torch:compile"))
+        result[op][case] = tuple(
+            by_provider[name] / best if name in by_provider else None
+            for name in ("torch:eager", "torch:compile")
+        )
     return result
 
 
@@ -97,9 +108,11 @@ def plot_speedup(rows: list[dict], path: Path, cases_filter=None, title_suffix="
     if not ops:
         return None
     fig, axes = plt.subplots(1, len(ops), figsize=(3.4 * len(ops), 4), squeeze=False, sharey=True)
-    for ax, op in zip(axes[0], ops):
+    for ax, op in zip(axes[0], ops, strict=True):
         cases = [c for c in speedups[op] if cases_filter is None or cases_filter(c)]
-        for i, (label, index, color) in enumerate((("vs eager", 0, "#d62728"), ("vs torch.compile", 1, "#ff7f0e"))):
+        for i, (label, index, color) in enumerate(
+            (("vs eager", 0, "#d62728"), ("vs torch.compile", 1, "#ff7f0e"))
+        ):
             values = [speedups[op][c][index] or 0 for c in cases]
             ax.bar([j + i * 0.4 for j in range(len(cases))], values, 0.4, label=label, color=color)
         ax.axhline(1, color="gray", linewidth=1)
@@ -120,7 +133,10 @@ def plot_all(csv_path: Path) -> list[Path]:
     if not rows:
         return []
     stem = csv_path.with_suffix("")
-    written = [plot_gbps(rows, mode, Path(f"{stem}_gbps_{mode.replace('+', '_')}.png")) for mode in ("fwd", "bwd", "fwd+bwd")]
+    written = [
+        plot_gbps(rows, mode, Path(f"{stem}_gbps_{mode.replace('+', '_')}.png"))
+        for mode in ("fwd", "bwd", "fwd+bwd")
+    ]
     written.append(plot_speedup(rows, Path(f"{stem}_speedup.png")))
     # Summary: the largest padded case with padding, and varlen.
     padded = [r for r in rows if r["layout"] == "padded" and float(r["kept_fraction"]) < 1]

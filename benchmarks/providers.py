@@ -136,7 +136,9 @@ def _compiled(op: str, layout: str, grad: bool) -> Callable:
 def _segment_reduce(op: str, x: Tensor, cu_seqlens: Tensor) -> Tensor:
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     if op == "masked_mean_max":
-        return torch.cat([_segment_reduce("masked_mean", x, cu_seqlens), _segment_reduce("masked_max", x, cu_seqlens)], -1)
+        return torch.cat(
+            [_segment_reduce("masked_mean", x, cu_seqlens), _segment_reduce("masked_max", x, cu_seqlens)], -1
+        )
     reduce = "mean" if op == "masked_mean" else "max"
     return torch.segment_reduce(x, reduce, lengths=lengths, axis=0, unsafe=True)
 
@@ -162,7 +164,8 @@ def providers(device: str) -> list[str]:
     names = [
         f"fused_pool:{b}"
         for b in fused_pool.available_backends()
-        if b != "torch" and not (b == "triton" and device == "cpu")  # the interpreter is not a fast path
+        if b != "torch"
+        and not (b == "triton" and device == "cpu")  # the interpreter is not a fast path
         and fused_pool.backends.unavailable_reason(b, torch.device(device)) is None
     ]
     names += ["torch:eager", "torch:compile", "torch:segment_reduce"]
@@ -202,7 +205,9 @@ def build(provider: str, op: str, inputs: Inputs, grad: bool) -> Callable[..., T
     if provider == "st:pooling":
         pooling = _st_pooling_class()(inputs.x.shape[-1], pooling_mode=ST_MODES[op]).to(inputs.x.device)
         if layout == "padded":
-            return lambda x: pooling({"token_embeddings": x, "attention_mask": inputs.mask})["sentence_embedding"]
+            return lambda x: pooling({"token_embeddings": x, "attention_mask": inputs.mask})[
+                "sentence_embedding"
+            ]
         return lambda x: pooling({"token_embeddings": x.unsqueeze(0), "cu_seq_lens_q": inputs.cu_seqlens})[
             "sentence_embedding"
         ]

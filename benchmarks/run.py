@@ -28,26 +28,63 @@ import cases as case_sets  # noqa: E402
 import measure  # noqa: E402
 import providers as provider_set  # noqa: E402
 
-import fused_pool  # noqa: E402
 from fused_pool import reference  # noqa: E402
 
 COLUMNS = [
-    "op", "layout", "dtype", "B", "L", "H", "T", "heads", "kept_fraction", "mode", "provider",
-    "ms_p50", "ms_p20", "ms_p80", "gbps", "pct_of_copy_bw", "copy_bw_gbps", "peak_mem_bytes",
-    "wall_us_per_call", "floor_bytes", "max_abs_err", "device", "torch", "triton", "cuda", "commit", "date",
+    "op",
+    "layout",
+    "dtype",
+    "B",
+    "L",
+    "H",
+    "T",
+    "heads",
+    "kept_fraction",
+    "mode",
+    "provider",
+    "ms_p50",
+    "ms_p20",
+    "ms_p80",
+    "gbps",
+    "pct_of_copy_bw",
+    "copy_bw_gbps",
+    "peak_mem_bytes",
+    "wall_us_per_call",
+    "floor_bytes",
+    "max_abs_err",
+    "device",
+    "torch",
+    "triton",
+    "cuda",
+    "commit",
+    "date",
 ]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sweep for a CPU machine")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--ops", nargs="+", choices=case_sets.OPS, default=list(case_sets.OPS))
-    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None,
-                        help="default: float32 (--quick), float32 and bfloat16 (full sweep)")
-    parser.add_argument("--modes", nargs="+", choices=case_sets.MODES, default=None,
-                        help="default: fwd fwd+bwd (--quick), all three (full sweep)")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=tuple(DTYPES),
+        default=None,
+        help="default: float32 (--quick), float32 and bfloat16 (full sweep)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=case_sets.MODES,
+        default=None,
+        help="default: fwd fwd+bwd (--quick), all three (full sweep)",
+    )
     parser.add_argument("--providers", nargs="+", default=None, help="default: every provider that runs here")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
@@ -76,7 +113,9 @@ def environment(device: str) -> dict[str, str]:
         triton_version = ""
     try:
         root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout
     except OSError:
         commit = ""
     return {
@@ -127,7 +166,10 @@ def measure_job(op, mode, provider, inputs, device, budget) -> dict[str, object]
 
     p50, p20, p80 = measure.time_ms(call, device, budget)
     return {
-        "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "max_abs_err": error,
+        "ms_p50": p50,
+        "ms_p20": p20,
+        "ms_p80": p80,
+        "max_abs_err": error,
         "peak_mem_bytes": measure.peak_memory_bytes(call, device),
         "call": call,
     }
@@ -185,15 +227,28 @@ def main() -> None:
         call = result.pop("call")
         floor = measure.floor_bytes(op, mode, inputs)
         gbps = floor / (result["ms_p50"] * 1e-3) / 1e9
-        rows.append({
-            "op": op, "layout": case.layout, "dtype": dtype, "B": inputs.batch,
-            "L": case.length if case.layout == "padded" else inputs.max_seqlen, "H": case.hidden,
-            "T": inputs.kept_tokens, "heads": case.heads, "kept_fraction": round(inputs.kept_tokens / inputs.rows, 4),
-            "mode": mode, "provider": provider, **result, "gbps": gbps, "pct_of_copy_bw": 100 * gbps / copy_bw,
-            "copy_bw_gbps": copy_bw, "floor_bytes": floor,
-            "wall_us_per_call": measure.wall_us_per_call(call, device) if case.tag == "tiny" else "",
-            **env,
-        })
+        rows.append(
+            {
+                "op": op,
+                "layout": case.layout,
+                "dtype": dtype,
+                "B": inputs.batch,
+                "L": case.length if case.layout == "padded" else inputs.max_seqlen,
+                "H": case.hidden,
+                "T": inputs.kept_tokens,
+                "heads": case.heads,
+                "kept_fraction": round(inputs.kept_tokens / inputs.rows, 4),
+                "mode": mode,
+                "provider": provider,
+                **result,
+                "gbps": gbps,
+                "pct_of_copy_bw": 100 * gbps / copy_bw,
+                "copy_bw_gbps": copy_bw,
+                "floor_bytes": floor,
+                "wall_us_per_call": measure.wall_us_per_call(call, device) if case.tag == "tiny" else "",
+                **env,
+            }
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
@@ -204,7 +259,9 @@ def main() -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS})
+            writer.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS}
+            )
     print(f"\nwrote {path}")
     print_table(rows)
     if not args.no_plots:
@@ -221,16 +278,31 @@ def print_table(rows: list[dict]) -> None:
     """One line per (op, case, dtype, mode): ms per provider, and the fused speedups."""
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        key = (row["op"], row["layout"], row["B"], row["L"], row["H"], row["kept_fraction"], row["dtype"], row["mode"])
+        key = (
+            row["op"],
+            row["layout"],
+            row["B"],
+            row["L"],
+            row["H"],
+            row["kept_fraction"],
+            row["dtype"],
+            row["mode"],
+        )
         groups.setdefault(key, {})[row["provider"]] = row
     names = sorted({row["provider"] for row in rows}, key=lambda n: (not n.startswith("fused"), n))
-    header = f"{'op':<21}{'case':<30}{'mode':<8}" + "".join(f"{n:>22}" for n in names) + "  speedup vs eager / compile"
+    header = (
+        f"{'op':<21}{'case':<30}{'mode':<8}"
+        + "".join(f"{n:>22}" for n in names)
+        + "  speedup vs eager / compile"
+    )
     print(header)
     print("-" * len(header))
     for (op, layout, batch, length, hidden, kept, dtype, mode), by_provider in groups.items():
         case = f"{layout} B={batch} L={length} H={hidden} {kept:.0%} {dtype}"
         cells = "".join(
-            f"{by_provider[n]['ms_p50']:>12.3f}ms {by_provider[n]['pct_of_copy_bw']:>4.0f}%bw" if n in by_provider else f"{'':>22}"
+            f"{by_provider[n]['ms_p50']:>12.3f}ms {by_provider[n]['pct_of_copy_bw']:>4.0f}%bw"
+            if n in by_provider
+            else f"{'':>22}"
             for n in names
         )
         fused = [r["ms_p50"] for n, r in by_provider.items() if n.startswith("fused_pool:")]
@@ -238,7 +310,8 @@ def print_table(rows: list[dict]) -> None:
         if fused:
             best = min(fused)
             speed = " / ".join(
-                f"{by_provider[p]['ms_p50'] / best:.2f}x" if p in by_provider else "-" for p in ("torch:eager", "torch:compile")
+                f"{by_provider[p]['ms_p50'] / best:.2f}x" if p in by_provider else "-"
+                for p in ("torch:eager", "torch:compile")
             )
         print(f"{op:<21}{case:<30}{mode:<8}{cells}  {speed}")
 

@@ -42,8 +42,10 @@ def main():
             out = fn(x, mask, backend=backend)
             packed = fn(tokens, cu_seqlens=cu_seqlens, backend=backend)
             error = max((out - ref(x, mask)).abs().max().item(), (packed - out).abs().max().item())
-            ms = timed(lambda fn=fn: fn(x, mask, backend=backend).sum().backward())
-            print(f"{backend:>7} {name:<16} max |error| vs reference {error:.1e}   fwd+bwd {ms:8.2f} ms{note}")
+            ms = timed(lambda fn=fn, backend=backend: fn(x, mask, backend=backend).sum().backward())
+            print(
+                f"{backend:>7} {name:<16} max |error| vs reference {error:.1e}   fwd+bwd {ms:8.2f} ms{note}"
+            )
 
 
 if __name__ == "__main__":

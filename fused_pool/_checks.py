@@ -101,7 +101,9 @@ def check_query(query: Tensor, x: Tensor) -> int:
         return 1
     if query.dim() == 2 and query.shape[0] >= 1 and query.shape[0] * query.shape[1] == hidden:
         return query.shape[0]
-    raise ValueError(f"query must be (H,) = ({hidden},) or (nh, H/nh) with nh dividing H, got {_shape(query)}")
+    raise ValueError(
+        f"query must be (H,) = ({hidden},) or (nh, H/nh) with nh dividing H, got {_shape(query)}"
+    )
 
 
 def check_scale(scale: float | None) -> None:

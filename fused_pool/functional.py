@@ -121,5 +121,7 @@ def query_attention_pool(
         )
     head_dim = x.shape[-1] // num_heads
     scale = float(head_dim**-0.5 if scale is None else scale)
-    out = run("query_attention", backend, x, query.view(num_heads, head_dim), mask, cu_seqlens, max_seqlen, scale)
+    out = run(
+        "query_attention", backend, x, query.view(num_heads, head_dim), mask, cu_seqlens, max_seqlen, scale
+    )
     return out.to(x.dtype)

@@ -217,7 +217,9 @@ def _triton_query_attention_bwd(
 _KERNELS: dict[str, dict[str, Kernels]] = {
     "triton": {
         "pool": _register_python(_Pool, _triton_pool_fwd, _triton_pool_bwd, "triton_pool"),
-        "attention": _register_python(_Attention, _triton_attention_fwd, _triton_attention_bwd, "triton_attention"),
+        "attention": _register_python(
+            _Attention, _triton_attention_fwd, _triton_attention_bwd, "triton_attention"
+        ),
         "query_attention": _register_python(
             _Attention, _triton_query_attention_fwd, _triton_query_attention_bwd, "triton_query_attention"
         ),

@@ -54,9 +54,11 @@ def _padded_view(
     mask = positions < ends[:, None]
     positions = positions.clamp(max=max(num_tokens - 1, 0))
     if num_tokens == 0:  # nothing to gather from; every sequence is empty
-        return x.new_zeros(len(starts), max_len, x.shape[1]), mask, [
-            t.new_zeros(len(starts), max_len, *t.shape[1:]) for t in per_token
-        ]
+        return (
+            x.new_zeros(len(starts), max_len, x.shape[1]),
+            mask,
+            [t.new_zeros(len(starts), max_len, *t.shape[1:]) for t in per_token],
+        )
     return x[positions], mask, [t[positions] for t in per_token]
 
 

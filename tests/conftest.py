@@ -23,7 +23,10 @@ def _round_bf16_like_compiled_triton() -> None:
     builder = getattr(interpreter, "InterpreterBuilder", None)
     original = getattr(builder, "cast_impl", None)
     if original is None or not hasattr(interpreter, "TensorHandle"):
-        warnings.warn("Triton's interpreter changed: float32 -> bfloat16 is not patched to round to nearest even")
+        warnings.warn(
+            "Triton's interpreter changed: float32 -> bfloat16 is not patched to round to nearest even",
+            stacklevel=2,
+        )
         return
 
     def cast_impl(self, src, dst_type):

@@ -129,7 +129,11 @@ def assert_within_reference_error(actual, reference_out, exact_out, dtype):
     nan = exact.isnan()
     assert torch.equal(actual.isnan(), nan), "NaN in different places"
     error = (actual.double() - exact).abs().masked_fill(nan, 0).max().item() if actual.numel() else 0.0
-    allowed = (reference_out.double() - exact).abs().masked_fill(nan, 0).max().item() if actual.numel() else 0.0
+    allowed = (
+        (reference_out.double() - exact).abs().masked_fill(nan, 0).max().item() if actual.numel() else 0.0
+    )
     scale = max(1.0, exact.masked_fill(nan, 0).abs().max().item()) if actual.numel() else 1.0
     floor = ERROR_FLOOR[dtype] * scale
-    assert error <= 2 * allowed + floor, f"error {error:.3g} > 2 x reference error {allowed:.3g} + {floor:.3g}"
+    assert error <= 2 * allowed + floor, (
+        f"error {error:.3g} > 2 x reference error {allowed:.3g} + {floor:.3g}"
+    )

@@ -12,11 +12,11 @@ from helpers import (
     assert_within_reference_error,
     cu_seqlens_of,
     make_generator,
-    stable_seed,
     make_mask,
     outputs_and_grads,
     poison_padding,
     random_like_output,
+    stable_seed,
 )
 
 import fused_pool
@@ -52,7 +52,7 @@ def check_attention(op, backend, x, other, mask=None, seed=0, **kwargs):
     out, grads = outputs_and_grads(fused, [x, other], grad, poisoned=True)
     assert out.dtype == x.dtype and out.is_contiguous() and out.shape == ref_out.shape
     assert_close(out, ref_out)
-    for actual, expected, exact, source in zip(grads, ref_grads, exact_grads, (x, other)):
+    for actual, expected, exact, source in zip(grads, ref_grads, exact_grads, (x, other), strict=True):
         assert actual.shape == source.shape and actual.dtype == source.dtype
         dtype = max(x.dtype, source.dtype, key=lambda d: torch.finfo(d).eps)
         assert_within_reference_error(actual, expected, exact, dtype)
@@ -198,7 +198,7 @@ def test_bitwise_deterministic(op, backend, device):
     first = outputs_and_grads(fn, [x, other], grad)
     second = outputs_and_grads(fn, [x, other], grad)
     assert torch.equal(first[0], second[0])
-    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1], strict=True))
 
 
 @pytest.mark.parametrize("backend, device", FUSED)

@@ -19,7 +19,9 @@ def test_available_backends_lists_what_runs():
         assert triton_interpret()
 
 
-@pytest.mark.skipif(os.environ.get("FUSED_POOL_REQUIRE_EXTENSION") != "1", reason="FUSED_POOL_REQUIRE_EXTENSION unset")
+@pytest.mark.skipif(
+    os.environ.get("FUSED_POOL_REQUIRE_EXTENSION") != "1", reason="FUSED_POOL_REQUIRE_EXTENSION unset"
+)
 def test_extension_was_built():
     assert extension() is not None, "fused_pool._C did not build or import"
     assert "cpu" in fused_pool.available_backends()

@@ -36,7 +36,9 @@ def test_fullgraph_dynamic_matches_eager_without_recompiling(op, backend, device
             lengths = list(range(2, 2 + batch))
             tokens = torch.randn(sum(lengths), 12, device=device)
             cu_seqlens = cu_seqlens_of(lengths, device=device)
-            assert_close(compiled_varlen(tokens, cu_seqlens), fn(tokens, cu_seqlens=cu_seqlens, backend=backend))
+            assert_close(
+                compiled_varlen(tokens, cu_seqlens), fn(tokens, cu_seqlens=cu_seqlens, backend=backend)
+            )
 
 
 @pytest.mark.parametrize("backend, device", FUSED)
@@ -79,7 +81,7 @@ def test_attention_fullgraph_dynamic_matches_eager_without_recompiling(op, backe
             out = compiled(x, other, mask)
             grads = torch.autograd.grad(out.sum(), (x, other))
             assert_close(out, expected)
-            for actual, wanted in zip(grads, expected_grads):
+            for actual, wanted in zip(grads, expected_grads, strict=True):
                 assert_close(actual, wanted)
 
 
@@ -103,3 +105,88 @@ def test_attention_opcheck(kind, backend, device):
         (x[0], tokens_other, None, cu_seqlens, 6, *extra),
     ]:
         torch.library.opcheck(op, args)
+
+
+def _modules(backend):
+    from fused_pool import nn as fnn
+
+    return {
+        "MeanPool": fnn.MeanPool(backend=backend),
+        "MaxPool": fnn.MaxPool(backend=backend),
+        "MeanMaxPool": fnn.MeanMaxPool(backend=backend),
+        "CLSPool": fnn.CLSPool(),
+        "LastTokenPool": fnn.LastTokenPool(),
+        "AttentionPool-query": fnn.AttentionPool(16, num_heads=2, backend=backend),
+        "AttentionPool-mlp": fnn.AttentionPool(16, num_heads=2, scorer="mlp", mlp_hidden=8, backend=backend),
+        "WeightedLayerPool": fnn.WeightedLayerPool(
+            num_layers=3, layer_start=1, base=fnn.MeanPool(backend=backend)
+        ),
+        "ConcatLayersPool": fnn.ConcatLayersPool(num_layers=2, base=fnn.MaxPool(backend=backend)),
+    }
+
+
+MODULE_NAMES = list(_modules(None))
+# Five (B, L) pairs, all >= 2 and never equal to each other or to H = 16 or nh = 2 (Dynamo's duck
+# sizing would otherwise give them one symbol).
+SHAPES = [(3, 7), (5, 13), (6, 17), (9, 21), (11, 29)]
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_module_fullgraph_dynamic_no_recompile(name, backend, device):
+    torch.manual_seed(0)
+    module = _modules(backend)[name].to(device)
+    multi_layer = name in ("WeightedLayerPool", "ConcatLayersPool")
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, length in SHAPES:
+            layers = [torch.randn(batch, length, 16, device=device, requires_grad=True) for _ in range(4)]
+            x = layers if multi_layer else layers[0]
+            mask = torch.rand(batch, length, device=device) > 0.3
+            expected = module(x, mask)
+            out = compiled(x, mask)
+            assert_close(out, expected)
+            params = [p for p in module.parameters() if p.requires_grad]
+            wrt = layers + params
+            grads = torch.autograd.grad(out.square().sum(), wrt, allow_unused=True)
+            expected_grads = torch.autograd.grad(expected.square().sum(), wrt, allow_unused=True)
+            for actual, wanted in zip(grads, expected_grads, strict=True):
+                assert (actual is None) == (wanted is None)
+                if actual is not None:
+                    assert_close(actual, wanted)
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+@pytest.mark.parametrize("name", ["MeanPool", "MeanMaxPool", "LastTokenPool", "AttentionPool-query"])
+def test_module_varlen_no_recompile(name, backend, device):
+    module = _modules(backend)[name].to(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lengths in (
+            [3, 4, 6],
+            [5, 2, 8, 7],
+            [9, 3, 3, 4, 10],
+            [2, 2, 5, 6, 7, 8],
+            [4, 9, 11, 5, 3, 6, 12],
+        ):
+            tokens = torch.randn(sum(lengths), 16, device=device, requires_grad=True)
+            cu_seqlens = cu_seqlens_of(lengths, device=device)
+            out = compiled(tokens, cu_seqlens=cu_seqlens)
+            assert_close(out, module(tokens, cu_seqlens=cu_seqlens))
+
+
+@pytest.mark.parametrize("backend, device", FUSED)
+def test_sentence_transformers_pooling_compiles(backend, device):
+    from fused_pool.nn import Pooling
+
+    module = Pooling(16, ("cls", "mean", "max", "weightedmean", "lasttoken"), backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, length in SHAPES:
+            x = torch.randn(batch, length, 16, device=device)
+            mask = (torch.rand(batch, length, device=device) > 0.3).long()
+            out = compiled({"token_embeddings": x, "attention_mask": mask})["sentence_embedding"]
+            assert_close(out, module({"token_embeddings": x, "attention_mask": mask})["sentence_embedding"])

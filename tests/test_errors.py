@@ -26,8 +26,18 @@ BAD_POOL_CALLS = [
     ((x3, torch.ones(2, 5, dtype=torch.complex64)), {}, TypeError, "mask must be bool, integer or floating"),
     ((x3, torch.ones(2, 5, device="meta")), {}, ValueError, "mask is on meta but x is on cpu"),
     ((x2, torch.ones(7)), {"cu_seqlens": cu}, ValueError, "mask must be None when cu_seqlens is given"),
-    ((x2,), {"cu_seqlens": cu.float()}, TypeError, "cu_seqlens must be int32 or int64, got dtype torch.float32"),
-    ((x2,), {"cu_seqlens": cu[None]}, ValueError, r"cu_seqlens must be 1-D of shape \(B \+ 1,\), got shape \(1, 3\)"),
+    (
+        (x2,),
+        {"cu_seqlens": cu.float()},
+        TypeError,
+        "cu_seqlens must be int32 or int64, got dtype torch.float32",
+    ),
+    (
+        (x2,),
+        {"cu_seqlens": cu[None]},
+        ValueError,
+        r"cu_seqlens must be 1-D of shape \(B \+ 1,\), got shape \(1, 3\)",
+    ),
     ((x2,), {"cu_seqlens": cu[:0]}, ValueError, "cu_seqlens must be 1-D"),
     ((x2,), {"cu_seqlens": cu.to("meta")}, ValueError, "cu_seqlens is on meta but x is on cpu"),
     ((x2,), {"cu_seqlens": [0, 3, 7]}, TypeError, "cu_seqlens must be a torch.Tensor"),
@@ -77,28 +87,58 @@ def test_validate_cu_seqlens():
 
 scores3 = torch.randn(2, 5, 4)
 BAD_ATTENTION_CALLS = [
-    ((x3, torch.randn(2, 4)), {}, ValueError, r"scores must be \(B, L\) or \(B, L, nh\) matching x \(2, 5, 8\), got shape \(2, 4\)"),
+    (
+        (x3, torch.randn(2, 4)),
+        {},
+        ValueError,
+        r"scores must be \(B, L\) or \(B, L, nh\) matching x \(2, 5, 8\), got shape \(2, 4\)",
+    ),
     ((x3, torch.randn(2, 5, 3)), {}, ValueError, "scores has nh = 3 heads, which must divide H = 8"),
     ((x3, torch.randn(2, 5, 0)), {}, ValueError, "scores has nh = 0 heads"),
     ((x3, torch.randn(5, 2)), {}, ValueError, r"scores must be \(B, L\)"),
     ((x3, torch.randn(2, 5, 2, 1)), {}, ValueError, r"scores must be \(B, L\)"),
-    ((x3, torch.ones(2, 5, dtype=torch.long)), {}, TypeError, "scores must be a floating tensor, got dtype torch.int64"),
+    (
+        (x3, torch.ones(2, 5, dtype=torch.long)),
+        {},
+        TypeError,
+        "scores must be a floating tensor, got dtype torch.int64",
+    ),
     ((x3, scores3.to("meta")), {}, ValueError, "scores is on meta but x is on cpu"),
     ((x3, scores3, torch.ones(2, 4)), {}, ValueError, r"mask must be \(B, L\)"),
-    ((x2, torch.randn(7, 3)), {"cu_seqlens": cu}, ValueError, "scores has nh = 3 heads, which must divide H = 8"),
-    ((x2, torch.randn(6)), {"cu_seqlens": cu}, ValueError, r"scores must be \(T,\) or \(T, nh\) matching x \(7, 8\)"),
+    (
+        (x2, torch.randn(7, 3)),
+        {"cu_seqlens": cu},
+        ValueError,
+        "scores has nh = 3 heads, which must divide H = 8",
+    ),
+    (
+        (x2, torch.randn(6)),
+        {"cu_seqlens": cu},
+        ValueError,
+        r"scores must be \(T,\) or \(T, nh\) matching x \(7, 8\)",
+    ),
     ((x2, scores3), {"cu_seqlens": cu}, ValueError, r"scores must be \(T,\) or \(T, nh\)"),
     ((x3.int(), scores3), {}, TypeError, "x must be float16"),
 ]
 BAD_QUERY_CALLS = [
-    ((x3, torch.randn(7)), {}, ValueError, r"query must be \(H,\) = \(8,\) or \(nh, H/nh\) with nh dividing H, got \(7\)"),
+    (
+        (x3, torch.randn(7)),
+        {},
+        ValueError,
+        r"query must be \(H,\) = \(8,\) or \(nh, H/nh\) with nh dividing H, got \(7\)",
+    ),
     ((x3, torch.randn(3, 3)), {}, ValueError, r"query must be \(H,\) = \(8,\) or \(nh, H/nh\)"),
     ((x3, torch.randn(1, 2, 4)), {}, ValueError, r"query must be \(H,\)"),
     ((x3, torch.ones(8, dtype=torch.int32)), {}, TypeError, "query must be a floating tensor"),
     ((x3, torch.randn(8, device="meta")), {}, ValueError, "query is on meta but x is on cpu"),
     ((x3, torch.randn(8)), {"scale": "0.5"}, TypeError, "scale must be a Python float or None, got str"),
     ((x3, torch.randn(8)), {"scale": torch.tensor(0.5)}, TypeError, "scale must be a Python float"),
-    ((x3, torch.randn(8), torch.ones(2, 5)), {"cu_seqlens": cu}, ValueError, "mask must be None when cu_seqlens"),
+    (
+        (x3, torch.randn(8), torch.ones(2, 5)),
+        {"cu_seqlens": cu},
+        ValueError,
+        "mask must be None when cu_seqlens",
+    ),
 ]
 
 

@@ -11,12 +11,12 @@ from helpers import (
     assert_close,
     cu_seqlens_of,
     make_generator,
-    stable_seed,
     make_mask,
     outputs_and_grads,
     poison_padding,
     poisoned_allocations,
     random_like_output,
+    stable_seed,
 )
 
 import fused_pool
@@ -132,7 +132,9 @@ def test_max_ties_route_gradient_to_first(backend, device, length):
     mask = torch.ones(2, length, dtype=torch.bool, device=device)
     for op in ("masked_max", "masked_mean_max"):
         check_op(op, backend, x, mask)
-    check_op("masked_max", backend, x.reshape(-1, 20), cu_seqlens=cu_seqlens_of([length, length], device=device))
+    check_op(
+        "masked_max", backend, x.reshape(-1, 20), cu_seqlens=cu_seqlens_of([length, length], device=device)
+    )
 
 
 @pytest.mark.parametrize("backend, device", FUSED)
@@ -146,7 +148,9 @@ def test_max_nan_and_inf(backend, device, length):
     x[2] = float("-inf")
     check_op("masked_max", backend, x)
     out, dx = run_op("masked_max", backend, x, grad=torch.ones(3, 5, device=device))
-    assert out[0, 0].isnan() and out[0, 1] == float("-inf") and out[1, 2].isnan() and not out[2].isfinite().any()
+    assert (
+        out[0, 0].isnan() and out[0, 1] == float("-inf") and out[1, 2].isnan() and not out[2].isfinite().any()
+    )
     assert dx[0, 2, 0] == 1 and dx[0, :, 0].sum() == 1  # the first NaN takes the gradient
     assert dx[0, 0, 1] == 1 and dx[0, :, 1].sum() == 1  # all -inf: the first position
     assert dx[1, length - 2, 2] == 1 and dx[1, :, 2].sum() == 1
@@ -158,13 +162,21 @@ def test_empty_sequences_give_zero(op, backend, device):
     x = torch.randn(2, 9, 8, device=device)
     mask = torch.zeros(2, 9, dtype=torch.bool, device=device)
     mask[1, 4] = True
-    out, dx = run_op(op, backend, poison_padding(x.clone(), mask), mask, torch.ones(2, 8 * (2 if op == "masked_mean_max" else 1), device=device))
+    out, dx = run_op(
+        op,
+        backend,
+        poison_padding(x.clone(), mask),
+        mask,
+        torch.ones(2, 8 * (2 if op == "masked_mean_max" else 1), device=device),
+    )
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(dx[0], torch.zeros_like(dx[0]))
     # Varlen: zero-length segments and a zero-length input.
     out = getattr(fused_pool, op)(x[0], cu_seqlens=cu_seqlens_of([0, 9, 0], device=device), backend=backend)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
-    empty = getattr(fused_pool, op)(x[0, :0], cu_seqlens=cu_seqlens_of([0, 0], device=device), backend=backend)
+    empty = getattr(fused_pool, op)(
+        x[0, :0], cu_seqlens=cu_seqlens_of([0, 0], device=device), backend=backend
+    )
     assert empty.shape == out[:2].shape and not empty.any()
 
 
@@ -183,7 +195,9 @@ def test_degenerate_sizes(op, backend, device):
         out = getattr(fused_pool, op)(x, backend=backend)
         expected = getattr(reference, op)(x.detach())
         assert out.shape == expected.shape and not out.any()
-        (dx,) = torch.autograd.grad(out.sum(), x, allow_unused=False) if out.numel() else (torch.zeros_like(x),)
+        (dx,) = (
+            torch.autograd.grad(out.sum(), x, allow_unused=False) if out.numel() else (torch.zeros_like(x),)
+        )
         assert dx.shape == x.shape and not dx.any()
 
 

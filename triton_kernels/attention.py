@@ -40,13 +40,43 @@ from .segments import (
 
 @triton.jit
 def _attention_fwd_kernel(
-    x_ptr, scores_ptr, query_ptr, mask_ptr, cu_seqlens_ptr, chunk_offsets_ptr,
-    out_ptr, stats_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    num_seqs, seq_len, num_rows, H, D, num_heads, blocks_per_head, scale,
-    stride_xb, stride_xr, stride_xh, stride_sb, stride_sr, stride_sh, stride_mb, stride_mr,
-    chunk_rows, splits, search_iters,
-    QUERY: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, SPLIT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    scores_ptr,
+    query_ptr,
+    mask_ptr,
+    cu_seqlens_ptr,
+    chunk_offsets_ptr,
+    out_ptr,
+    stats_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    num_seqs,
+    seq_len,
+    num_rows,
+    H,
+    D,
+    num_heads,
+    blocks_per_head,
+    scale,
+    stride_xb,
+    stride_xr,
+    stride_xh,
+    stride_sb,
+    stride_sr,
+    stride_sh,
+    stride_mb,
+    stride_mr,
+    chunk_rows,
+    splits,
+    search_iters,
+    QUERY: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1) // blocks_per_head
@@ -55,8 +85,17 @@ def _attention_fwd_kernel(
     d_in = offs_d < D
     channels = head * D + offs_d
     seq, first, last = program_chunk(
-        pid, chunk_offsets_ptr, cu_seqlens_ptr, num_seqs, seq_len, num_rows, chunk_rows, splits,
-        search_iters, VARLEN, SPLIT,
+        pid,
+        chunk_offsets_ptr,
+        cu_seqlens_ptr,
+        num_seqs,
+        seq_len,
+        num_rows,
+        chunk_rows,
+        splits,
+        search_iters,
+        VARLEN,
+        SPLIT,
     )
     x_seq = x_ptr + seq.to(tl.int64) * stride_xb
     s_seq = scores_ptr + seq.to(tl.int64) * stride_sb + head * stride_sh
@@ -92,11 +131,15 @@ def _attention_fwd_kernel(
         tl.store(part_m_ptr + pid * num_heads + head, row_max, mask=d_block == 0)
         tl.store(part_l_ptr + pid * num_heads + head, den, mask=d_block == 0)
     else:
-        _store_attention(out_ptr, stats_ptr, seq, head, d_block, channels, d_in, H, num_heads, total, row_max, den)
+        _store_attention(
+            out_ptr, stats_ptr, seq, head, d_block, channels, d_in, H, num_heads, total, row_max, den
+        )
 
 
 @triton.jit
-def _store_attention(out_ptr, stats_ptr, seq, head, d_block, channels, d_in, H, num_heads, total, row_max, den):
+def _store_attention(
+    out_ptr, stats_ptr, seq, head, d_block, channels, d_in, H, num_heads, total, row_max, den
+):
     """out = acc / l (0 for an empty head); stats[seq, head] = (m, l)."""
     nonempty = den > 0
     out = tl.where(nonempty, total / tl.where(nonempty, den, 1), 0)
@@ -108,9 +151,21 @@ def _store_attention(out_ptr, stats_ptr, seq, head, d_block, channels, d_in, H, 
 
 @triton.jit
 def _attention_combine_kernel(
-    chunk_offsets_ptr, out_ptr, stats_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    H, D, num_heads, blocks_per_head, splits, num_chunks,
-    VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr,
+    chunk_offsets_ptr,
+    out_ptr,
+    stats_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    H,
+    D,
+    num_heads,
+    blocks_per_head,
+    splits,
+    num_chunks,
+    VARLEN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Merges one sequence's (m, l, acc) chunk partials in chunk order, as split softmax does."""
     seq = tl.program_id(0)
@@ -134,7 +189,9 @@ def _attention_combine_kernel(
         total = total * alpha + tl.load(part_acc_ptr + acc_offset + channels, mask=d_in, other=0) * beta
         row_max = new_max
         acc_offset += H
-    _store_attention(out_ptr, stats_ptr, seq, head, d_block, channels, d_in, H, num_heads, total, row_max, den)
+    _store_attention(
+        out_ptr, stats_ptr, seq, head, d_block, channels, d_in, H, num_heads, total, row_max, den
+    )
 
 
 @triton.jit
@@ -146,12 +203,40 @@ def _softmax_weight(s, row_max, den, keep):
 
 @triton.jit
 def _attention_bwd_kernel(
-    grad_ptr, x_ptr, scores_ptr, query_ptr, mask_ptr, cu_seqlens_ptr, stats_ptr, out_ptr,
-    dx_ptr, dscores_ptr, dquery_part_ptr,
-    num_seqs, seq_len, num_rows, H, D, num_heads, scale, rows_per_program,
-    stride_xb, stride_xr, stride_xh, stride_sb, stride_sr, stride_sh, stride_mb, stride_mr, search_iters,
-    QUERY: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_ptr,
+    x_ptr,
+    scores_ptr,
+    query_ptr,
+    mask_ptr,
+    cu_seqlens_ptr,
+    stats_ptr,
+    out_ptr,
+    dx_ptr,
+    dscores_ptr,
+    dquery_part_ptr,
+    num_seqs,
+    seq_len,
+    num_rows,
+    H,
+    D,
+    num_heads,
+    scale,
+    rows_per_program,
+    stride_xb,
+    stride_xr,
+    stride_xh,
+    stride_sb,
+    stride_sr,
+    stride_sh,
+    stride_mb,
+    stride_mr,
+    search_iters,
+    QUERY: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
@@ -164,7 +249,9 @@ def _attention_bwd_kernel(
         dquery = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
     for r0 in range(first, last, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        seq, position, keep = row_sequence(rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN)
+        seq, position, keep = row_sequence(
+            rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN
+        )
         keep = keep & (rows < last)
         if HAS_MASK:
             m = tl.load(mask_ptr + seq.to(tl.int64) * stride_mb + position * stride_mr, mask=keep, other=0)
@@ -191,7 +278,9 @@ def _attention_bwd_kernel(
             tl.store(dx_rows[:, None] + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_in)
             dquery += tl.sum((ds * scale)[:, None] * x, 0)
         else:
-            s = tl.load(scores_ptr + seq64 * stride_sb + position * stride_sr + head * stride_sh, mask=keep, other=0)
+            s = tl.load(
+                scores_ptr + seq64 * stride_sb + position * stride_sr + head * stride_sh, mask=keep, other=0
+            )
             p = _softmax_weight(s.to(ACC_DTYPE), row_max, den, keep)
             g_dot_x_minus_out = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
             for d0 in range(0, D, BLOCK_D):
@@ -202,9 +291,13 @@ def _attention_bwd_kernel(
                 out = tl.load(out_rows[:, None] + d[None, :], mask=tile_in, other=0)
                 g_dot_x_minus_out += tl.sum(g * (x.to(ACC_DTYPE) - out), 1)
                 out_in = (rows < last)[:, None] & (d < D)[None, :]
-                tl.store(dx_rows[:, None] + d[None, :], (p[:, None] * g).to(dx_ptr.dtype.element_ty), mask=out_in)
+                tl.store(
+                    dx_rows[:, None] + d[None, :], (p[:, None] * g).to(dx_ptr.dtype.element_ty), mask=out_in
+                )
             ds = p * g_dot_x_minus_out
-            tl.store(dscores_ptr + rows * num_heads + head, ds.to(dscores_ptr.dtype.element_ty), mask=rows < last)
+            tl.store(
+                dscores_ptr + rows * num_heads + head, ds.to(dscores_ptr.dtype.element_ty), mask=rows < last
+            )
     if QUERY:
         tl.store(dquery_part_ptr + pid.to(tl.int64) * H + head * D + offs_d, dquery, mask=d_in)
 
@@ -263,25 +356,62 @@ def attention_forward(
     block_d, block_r, num_warps = _blocks(head_dim, is_query)
     blocks_per_head = triton.cdiv(head_dim, block_d)
     plan = plan_split(num_seqs, num_rows, longest, num_heads * blocks_per_head, block_r, x.device, cu_seqlens)
-    parts = [torch.empty(plan.num_chunks if plan.split else 0, *shape, dtype=acc, device=x.device)
-             for shape in ((num_heads,), (num_heads,), (hidden,))]
+    parts = [
+        torch.empty(plan.num_chunks if plan.split else 0, *shape, dtype=acc, device=x.device)
+        for shape in ((num_heads,), (num_heads,), (hidden,))
+    ]
     kernel_mask, mask_strides = _kernel_mask(mask)
     offsets = plan.chunk_offsets if plan.chunk_offsets is not None else stats  # unused when padded
     acc_dtype = tl.float64 if acc == torch.float64 else tl.float32
     _attention_fwd_kernel[(plan.num_chunks, num_heads * blocks_per_head)](
-        x, scores if scores is not None else x, query if is_query else x,
-        kernel_mask if mask is not None else x, cu_seqlens if varlen else x, offsets,
-        out, stats, *parts,
-        num_seqs, seq_len, num_rows, hidden, head_dim, num_heads, blocks_per_head, scale,
-        *x_strides, *(_score_strides(scores, varlen) if scores is not None else (0, 0, 0)), *mask_strides,
-        plan.chunk_rows, plan.splits, plan.search_iters,
-        QUERY=is_query, HAS_MASK=mask is not None, VARLEN=varlen, SPLIT=plan.split, ACC_DTYPE=acc_dtype,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        x,
+        scores if scores is not None else x,
+        query if is_query else x,
+        kernel_mask if mask is not None else x,
+        cu_seqlens if varlen else x,
+        offsets,
+        out,
+        stats,
+        *parts,
+        num_seqs,
+        seq_len,
+        num_rows,
+        hidden,
+        head_dim,
+        num_heads,
+        blocks_per_head,
+        scale,
+        *x_strides,
+        *(_score_strides(scores, varlen) if scores is not None else (0, 0, 0)),
+        *mask_strides,
+        plan.chunk_rows,
+        plan.splits,
+        plan.search_iters,
+        QUERY=is_query,
+        HAS_MASK=mask is not None,
+        VARLEN=varlen,
+        SPLIT=plan.split,
+        ACC_DTYPE=acc_dtype,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     if plan.split:
         _attention_combine_kernel[(num_seqs, num_heads * blocks_per_head)](
-            offsets, out, stats, *parts, hidden, head_dim, num_heads, blocks_per_head, plan.splits,
-            plan.num_chunks, VARLEN=varlen, ACC_DTYPE=acc_dtype, BLOCK_D=block_d, num_warps=num_warps,
+            offsets,
+            out,
+            stats,
+            *parts,
+            hidden,
+            head_dim,
+            num_heads,
+            blocks_per_head,
+            plan.splits,
+            plan.num_chunks,
+            VARLEN=varlen,
+            ACC_DTYPE=acc_dtype,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
         )
     return out, stats
 
@@ -331,15 +461,36 @@ def attention_backward(
         dquery_parts = stats  # unused
     kernel_mask, mask_strides = _kernel_mask(mask)
     _attention_bwd_kernel[(num_programs, num_heads)](
-        grad_out, x, scores if scores is not None else x, query if is_query else x,
-        kernel_mask if mask is not None else x, cu_seqlens if varlen else x, stats, out,
-        dx, dscores, dquery_parts,
-        num_seqs, seq_len, num_rows, hidden, head_dim, num_heads, scale, rows_per_program,
-        *x_strides, *(_score_strides(scores, varlen) if scores is not None else (0, 0, 0)), *mask_strides,
+        grad_out,
+        x,
+        scores if scores is not None else x,
+        query if is_query else x,
+        kernel_mask if mask is not None else x,
+        cu_seqlens if varlen else x,
+        stats,
+        out,
+        dx,
+        dscores,
+        dquery_parts,
+        num_seqs,
+        seq_len,
+        num_rows,
+        hidden,
+        head_dim,
+        num_heads,
+        scale,
+        rows_per_program,
+        *x_strides,
+        *(_score_strides(scores, varlen) if scores is not None else (0, 0, 0)),
+        *mask_strides,
         search_iters(num_seqs),
-        QUERY=is_query, HAS_MASK=mask is not None, VARLEN=varlen,
+        QUERY=is_query,
+        HAS_MASK=mask is not None,
+        VARLEN=varlen,
         ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     if is_query:
         # Fixed-order sum of the per-program partials: deterministic, no atomics.

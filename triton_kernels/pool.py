@@ -34,10 +34,25 @@ def _take_max(best, best_row, value, row, valid):
 
 @triton.jit
 def _reduce_chunk(
-    x_ptr, mask_ptr, seq, first, last, offs_h, h_in,
-    stride_xb, stride_xr, stride_xh, stride_mb, stride_mr,
-    MEAN: tl.constexpr, MAX: tl.constexpr, HAS_MASK: tl.constexpr, WEIGHTED: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    x_ptr,
+    mask_ptr,
+    seq,
+    first,
+    last,
+    offs_h,
+    h_in,
+    stride_xb,
+    stride_xr,
+    stride_xh,
+    stride_mb,
+    stride_mr,
+    MEAN: tl.constexpr,
+    MAX: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Rows [first, last) of sequence `seq`: (weighted sum, sum of weights, max, argmax row)."""
     x_seq = x_ptr + seq.to(tl.int64) * stride_xb
@@ -69,7 +84,9 @@ def _reduce_chunk(
     nan_row = tl.min(tl.where(slot_nan, best_row, 2147483647), 0)
     numbers = tl.where(slot_nan | (best_row < 0), float("-inf"), best)
     top = tl.max(numbers, 0)
-    top_row = tl.min(tl.where((best_row >= 0) & ~slot_nan & (numbers == top[None, :]), best_row, 2147483647), 0)
+    top_row = tl.min(
+        tl.where((best_row >= 0) & ~slot_nan & (numbers == top[None, :]), best_row, 2147483647), 0
+    )
     has_nan = nan_row != 2147483647
     chunk_max = tl.where(has_nan, float("nan"), top)
     chunk_row = tl.where(has_nan, nan_row, tl.where(top_row != 2147483647, top_row, -1))
@@ -78,8 +95,21 @@ def _reduce_chunk(
 
 @triton.jit
 def _store_result(
-    out_ptr, den_ptr, argmax_ptr, seq, offs_h, h_in, H, out_stride, h_block,
-    total, weight, best, best_row, MEAN: tl.constexpr, MAX: tl.constexpr,
+    out_ptr,
+    den_ptr,
+    argmax_ptr,
+    seq,
+    offs_h,
+    h_in,
+    H,
+    out_stride,
+    h_block,
+    total,
+    weight,
+    best,
+    best_row,
+    MEAN: tl.constexpr,
+    MAX: tl.constexpr,
 ):
     """Writes the pooled row of `seq`: mean = total / weight (0 if empty), max (0 if empty)."""
     out_row = out_ptr + seq.to(tl.int64) * out_stride
@@ -90,32 +120,85 @@ def _store_result(
         tl.store(den_ptr + seq, weight, mask=h_block == 0)
     if MAX:
         col = H if MEAN else 0
-        tl.store(out_row + col + offs_h, tl.where(best_row >= 0, best, 0).to(out_ptr.dtype.element_ty), mask=h_in)
+        tl.store(
+            out_row + col + offs_h, tl.where(best_row >= 0, best, 0).to(out_ptr.dtype.element_ty), mask=h_in
+        )
         tl.store(argmax_ptr + seq.to(tl.int64) * H + offs_h, best_row, mask=h_in)
 
 
 @triton.jit
 def _pool_fwd_kernel(
-    x_ptr, mask_ptr, cu_seqlens_ptr, chunk_offsets_ptr,
-    out_ptr, den_ptr, argmax_ptr, part_sum_ptr, part_den_ptr, part_max_ptr, part_row_ptr,
-    num_seqs, seq_len, num_rows, H, out_stride,
-    stride_xb, stride_xr, stride_xh, stride_mb, stride_mr,
-    chunk_rows, splits, search_iters,
-    MEAN: tl.constexpr, MAX: tl.constexpr, HAS_MASK: tl.constexpr, WEIGHTED: tl.constexpr,
-    VARLEN: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    x_ptr,
+    mask_ptr,
+    cu_seqlens_ptr,
+    chunk_offsets_ptr,
+    out_ptr,
+    den_ptr,
+    argmax_ptr,
+    part_sum_ptr,
+    part_den_ptr,
+    part_max_ptr,
+    part_row_ptr,
+    num_seqs,
+    seq_len,
+    num_rows,
+    H,
+    out_stride,
+    stride_xb,
+    stride_xr,
+    stride_xh,
+    stride_mb,
+    stride_mr,
+    chunk_rows,
+    splits,
+    search_iters,
+    MEAN: tl.constexpr,
+    MAX: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    VARLEN: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h_block = tl.program_id(1)
     offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
     h_in = offs_h < H
     seq, first, last = program_chunk(
-        pid, chunk_offsets_ptr, cu_seqlens_ptr, num_seqs, seq_len, num_rows, chunk_rows, splits,
-        search_iters, VARLEN, SPLIT,
+        pid,
+        chunk_offsets_ptr,
+        cu_seqlens_ptr,
+        num_seqs,
+        seq_len,
+        num_rows,
+        chunk_rows,
+        splits,
+        search_iters,
+        VARLEN,
+        SPLIT,
     )
     total, weight, best, best_row = _reduce_chunk(
-        x_ptr, mask_ptr, seq, first, last, offs_h, h_in, stride_xb, stride_xr, stride_xh,
-        stride_mb, stride_mr, MEAN, MAX, HAS_MASK, WEIGHTED, ACC_DTYPE, BLOCK_R, BLOCK_H,
+        x_ptr,
+        mask_ptr,
+        seq,
+        first,
+        last,
+        offs_h,
+        h_in,
+        stride_xb,
+        stride_xr,
+        stride_xh,
+        stride_mb,
+        stride_mr,
+        MEAN,
+        MAX,
+        HAS_MASK,
+        WEIGHTED,
+        ACC_DTYPE,
+        BLOCK_R,
+        BLOCK_H,
     )
     if SPLIT:
         part = pid.to(tl.int64) * H + offs_h
@@ -126,16 +209,43 @@ def _pool_fwd_kernel(
             tl.store(part_max_ptr + part, best, mask=h_in)
             tl.store(part_row_ptr + part, best_row, mask=h_in)
     else:
-        _store_result(out_ptr, den_ptr, argmax_ptr, seq, offs_h, h_in, H, out_stride, h_block,
-                      total, weight, best, best_row, MEAN, MAX)
+        _store_result(
+            out_ptr,
+            den_ptr,
+            argmax_ptr,
+            seq,
+            offs_h,
+            h_in,
+            H,
+            out_stride,
+            h_block,
+            total,
+            weight,
+            best,
+            best_row,
+            MEAN,
+            MAX,
+        )
 
 
 @triton.jit
 def _pool_combine_kernel(
-    chunk_offsets_ptr, out_ptr, den_ptr, argmax_ptr,
-    part_sum_ptr, part_den_ptr, part_max_ptr, part_row_ptr,
-    H, out_stride, splits, num_chunks,
-    MEAN: tl.constexpr, MAX: tl.constexpr, VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    chunk_offsets_ptr,
+    out_ptr,
+    den_ptr,
+    argmax_ptr,
+    part_sum_ptr,
+    part_den_ptr,
+    part_max_ptr,
+    part_row_ptr,
+    H,
+    out_stride,
+    splits,
+    num_chunks,
+    MEAN: tl.constexpr,
+    MAX: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     """Folds the partials of one sequence's chunks in chunk (= row) order."""
@@ -159,21 +269,56 @@ def _pool_combine_kernel(
             row = tl.load(part_row_ptr + part, mask=h_in, other=-1)
             value = tl.load(part_max_ptr + part, mask=h_in, other=0)
             best, best_row = _take_max(best, best_row, value, row, row >= 0)
-    _store_result(out_ptr, den_ptr, argmax_ptr, seq, offs_h, h_in, H, out_stride, h_block,
-                  total, weight, best, best_row, MEAN, MAX)
+    _store_result(
+        out_ptr,
+        den_ptr,
+        argmax_ptr,
+        seq,
+        offs_h,
+        h_in,
+        H,
+        out_stride,
+        h_block,
+        total,
+        weight,
+        best,
+        best_row,
+        MEAN,
+        MAX,
+    )
 
 
 @triton.jit
 def _pool_bwd_kernel(
-    grad_ptr, mask_ptr, cu_seqlens_ptr, den_ptr, argmax_ptr, dx_ptr,
-    num_seqs, seq_len, num_rows, H, grad_stride, stride_mb, stride_mr, search_iters,
-    MEAN: tl.constexpr, MAX: tl.constexpr, HAS_MASK: tl.constexpr, WEIGHTED: tl.constexpr,
-    VARLEN: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    grad_ptr,
+    mask_ptr,
+    cu_seqlens_ptr,
+    den_ptr,
+    argmax_ptr,
+    dx_ptr,
+    num_seqs,
+    seq_len,
+    num_rows,
+    H,
+    grad_stride,
+    stride_mb,
+    stride_mr,
+    search_iters,
+    MEAN: tl.constexpr,
+    MAX: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    VARLEN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_in = offs_h < H
-    seq, position, keep = row_sequence(rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN)
+    seq, position, keep = row_sequence(
+        rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN
+    )
     if HAS_MASK:
         m = tl.load(mask_ptr + seq.to(tl.int64) * stride_mb + position * stride_mr, mask=keep, other=0)
         keep = keep & (m != 0)
@@ -253,20 +398,54 @@ def pool_forward(
     flags = dict(MEAN=want_mean, MAX=want_max, VARLEN=varlen, ACC_DTYPE=_accumulation_dtype(x.dtype))
     offsets = plan.chunk_offsets if plan.chunk_offsets is not None else out  # unused when padded
     _pool_fwd_kernel[(plan.num_chunks, channel_blocks)](
-        x, kernel_mask if mask is not None else x, cu_seqlens if varlen else x, offsets,
-        out, den, argmax, part_sum, part_den, part_max, part_row,
-        num_seqs, seq_len, num_rows, hidden, out.stride(0),
-        stride_xb, stride_xr, stride_xh,
+        x,
+        kernel_mask if mask is not None else x,
+        cu_seqlens if varlen else x,
+        offsets,
+        out,
+        den,
+        argmax,
+        part_sum,
+        part_den,
+        part_max,
+        part_row,
+        num_seqs,
+        seq_len,
+        num_rows,
+        hidden,
+        out.stride(0),
+        stride_xb,
+        stride_xr,
+        stride_xh,
         *(kernel_mask.stride() if mask is not None else (0, 0)),
-        plan.chunk_rows, plan.splits, plan.search_iters,
-        HAS_MASK=mask is not None, WEIGHTED=weighted, SPLIT=plan.split,
-        BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4, **flags,
+        plan.chunk_rows,
+        plan.splits,
+        plan.search_iters,
+        HAS_MASK=mask is not None,
+        WEIGHTED=weighted,
+        SPLIT=plan.split,
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
+        num_warps=4,
+        **flags,
     )
     if plan.split:
         _pool_combine_kernel[(num_seqs, channel_blocks)](
-            offsets, out, den, argmax, part_sum, part_den, part_max, part_row,
-            hidden, out.stride(0), plan.splits, plan.num_chunks,
-            BLOCK_H=block_h, num_warps=4, **flags,
+            offsets,
+            out,
+            den,
+            argmax,
+            part_sum,
+            part_den,
+            part_max,
+            part_row,
+            hidden,
+            out.stride(0),
+            plan.splits,
+            plan.num_chunks,
+            BLOCK_H=block_h,
+            num_warps=4,
+            **flags,
         )
     return out, den, argmax
 
@@ -297,13 +476,27 @@ def pool_backward(
     block_r = _rows_per_tile(block_h)
 
     _pool_bwd_kernel[(triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_h))](
-        grad_out, kernel_mask if mask is not None else grad_out, cu_seqlens if varlen else grad_out,
-        den if mode & MEAN else grad_out, argmax if mode & MAX else grad_out, dx,
-        num_seqs, 0 if varlen else x_shape[1], num_rows, hidden, grad_out.stride(0),
+        grad_out,
+        kernel_mask if mask is not None else grad_out,
+        cu_seqlens if varlen else grad_out,
+        den if mode & MEAN else grad_out,
+        argmax if mode & MAX else grad_out,
+        dx,
+        num_seqs,
+        0 if varlen else x_shape[1],
+        num_rows,
+        hidden,
+        grad_out.stride(0),
         *(kernel_mask.stride() if mask is not None else (0, 0)),
         search_iters(num_seqs),
-        MEAN=bool(mode & MEAN), MAX=bool(mode & MAX), HAS_MASK=mask is not None, WEIGHTED=weighted,
-        VARLEN=varlen, ACC_DTYPE=_accumulation_dtype(x_dtype), BLOCK_R=block_r, BLOCK_H=block_h,
+        MEAN=bool(mode & MEAN),
+        MAX=bool(mode & MAX),
+        HAS_MASK=mask is not None,
+        WEIGHTED=weighted,
+        VARLEN=varlen,
+        ACC_DTYPE=_accumulation_dtype(x_dtype),
+        BLOCK_R=block_r,
+        BLOCK_H=block_h,
         num_warps=4,
     )
     return dx

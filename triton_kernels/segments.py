@@ -44,8 +44,17 @@ def sequence_rows(seq, cu_seqlens_ptr, seq_len, num_rows, VARLEN: tl.constexpr):
 
 @triton.jit
 def program_chunk(
-    pid, chunk_offsets_ptr, cu_seqlens_ptr, num_seqs, seq_len, num_rows, chunk_rows, splits, search_iters,
-    VARLEN: tl.constexpr, SPLIT: tl.constexpr,
+    pid,
+    chunk_offsets_ptr,
+    cu_seqlens_ptr,
+    num_seqs,
+    seq_len,
+    num_rows,
+    chunk_rows,
+    splits,
+    search_iters,
+    VARLEN: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """(sequence, first row, end row) of the chunk that program `pid` reduces.
 

@@ -1,0 +1,97 @@
+"""Poolings over several hidden layers (a model's output_hidden_states), on top of a base pooling.
+
+Both take `hidden_states` as the sequence of layer outputs (embeddings first, as Hugging Face
+returns them), each (B, L, H) or varlen (T, H), and never stack the layers into one tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .pools import MeanPool
+
+__all__ = ["ConcatLayersPool", "WeightedLayerPool"]
+
+
+def _require_layers(hidden_states: Sequence[Tensor], needed: int, name: str) -> None:
+    if isinstance(hidden_states, Tensor) or len(hidden_states) < needed:
+        got = "a tensor" if isinstance(hidden_states, Tensor) else f"{len(hidden_states)} layers"
+        raise ValueError(
+            f"{name} needs a sequence of at least {needed} layer outputs (output_hidden_states), got {got}"
+        )
+
+
+class WeightedLayerPool(nn.Module):
+    """Learned weights over layers layer_start..num_layers, then the base pooling -> (B, H_base).
+
+    out = base(sum_i w_i h_i) / sum_i w_i. With a linear base (mean, CLS, last token) this is
+    computed as sum_i w_i base(h_i) / sum_i w_i: each layer is pooled where it lies, and nothing of
+    size (B, L, H) is built. Other bases get the mixed (B, L, H) hidden states.
+
+    num_layers: the model's number of layers (hidden_states then holds num_layers + 1 tensors).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        layer_start: int = 4,
+        base: nn.Module | None = None,
+        layer_weights: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= layer_start <= num_layers:
+            raise ValueError(f"layer_start = {layer_start} must be in [0, num_layers = {num_layers}]")
+        count = num_layers + 1 - layer_start
+        if layer_weights is None:
+            layer_weights = torch.ones(count)
+        if tuple(layer_weights.shape) != (count,):
+            got = tuple(layer_weights.shape)
+            raise ValueError(
+                f"layer_weights must have {count} entries (layers {layer_start}..{num_layers}), got {got}"
+            )
+        self.num_layers, self.layer_start = num_layers, layer_start
+        self.base = base if base is not None else MeanPool()
+        self.layer_weights = nn.Parameter(layer_weights.clone().float())
+
+    def forward(self, hidden_states, attention_mask=None, *, cu_seqlens=None, max_seqlen=None) -> Tensor:
+        _require_layers(hidden_states, self.num_layers + 1, type(self).__name__)
+        layers = hidden_states[self.layer_start : self.num_layers + 1]
+        weights = self.layer_weights / self.layer_weights.sum()
+        kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        if getattr(self.base, "linear", False):
+            pooled = [self.base(layer, attention_mask, **kwargs) for layer in layers]
+            out = sum(w * p for w, p in zip(weights, pooled, strict=True))
+        else:
+            mixed = sum(w * layer for w, layer in zip(weights, layers, strict=True))
+            out = self.base(mixed, attention_mask, **kwargs)
+        return out.to(layers[0].dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, layer_start={self.layer_start}"
+
+
+class ConcatLayersPool(nn.Module):
+    """cat(base(h_-1), base(h_-2), ..., base(h_-k)): the base pooling of each of the last k layers,
+    last layer first -> (B, k * H_base). (For channel-wise bases such as mean and max this equals
+    pooling the concatenated layers, without building them.)"""
+
+    def __init__(self, num_layers: int = 4, base: nn.Module | None = None) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.num_layers = num_layers
+        self.base = base if base is not None else MeanPool()
+
+    def forward(self, hidden_states, attention_mask=None, *, cu_seqlens=None, max_seqlen=None) -> Tensor:
+        _require_layers(hidden_states, self.num_layers, type(self).__name__)
+        kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return torch.cat(
+            [self.base(hidden_states[-i], attention_mask, **kwargs) for i in range(1, self.num_layers + 1)],
+            -1,
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}"

@@ -1,0 +1,297 @@
+"""`Pooling`: a drop-in for sentence-transformers' Pooling module, on the fused kernels.
+
+Same constructor forms (v6: embedding_dimension + pooling_mode as a string or tuple; v5:
+word_embedding_dimension + pooling_mode_* booleans), same config keys, same forward(features)
+contract on the padded path (token_embeddings + attention_mask) and the flattened path
+(token_embeddings (1, T, H) + cu_seq_lens_q), all six modes concatenated in the configured order,
+include_prompt, token_weights_sum, save / load. It never modifies the caller's tensors (it adds
+"sentence_embedding" to the features dict, as sentence-transformers does).
+
+Deviations from sentence-transformers (every other result matches: float32 within 1e-5):
+- a sequence with no kept token pools to 0 in every mode, where sentence-transformers gives -inf
+  (max), the embedding at position 0 (cls), or the next sequence's first token (cls, flattened);
+- an integer attention mask keeps tokens where it is nonzero; sentence-transformers multiplies
+  by its value (the same for the usual 0 / 1 masks).
+
+No sentence-transformers import is needed to use it. Saved models record sentence-transformers'
+own class (`sentence_transformers.models.Pooling`) and config schema, so they load with or
+without fused_pool (as sentence-transformers' Pooling without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..padding import segment_bounds
+from .pools import select_token
+
+__all__ = ["POOLING_MODES", "Pooling"]
+
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# The v5 keyword arguments, in the order v5 concatenated them.
+_LEGACY_MODE_KWARGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+def _modes_from(pooling_mode, legacy: dict[str, bool]) -> str | tuple[str, ...]:
+    unknown = sorted(set(legacy) - set(_LEGACY_MODE_KWARGS))
+    if unknown:
+        raise TypeError(f"Pooling got unexpected keyword arguments {unknown}")
+    if pooling_mode is None:  # v5 form (converted as sentence-transformers v6 converts it)
+        active = tuple(mode for key, mode in _LEGACY_MODE_KWARGS.items() if legacy.get(key, False))
+        pooling_mode = active or "mean"
+    if isinstance(pooling_mode, (list, tuple)):
+        pooling_mode = pooling_mode[0] if len(pooling_mode) == 1 else tuple(pooling_mode)
+    modes = (pooling_mode,) if isinstance(pooling_mode, str) else pooling_mode
+    if not modes:
+        raise ValueError("pooling_mode must name at least one mode")
+    for mode in modes:
+        if mode not in POOLING_MODES:
+            raise ValueError(f"Invalid pooling mode: {mode!r}. Valid pooling modes are: {POOLING_MODES}.")
+    return pooling_mode
+
+
+class Pooling(nn.Module):
+    """sentence-transformers' Pooling on fused kernels (see the module docstring).
+
+    Pooling(embedding_dimension, pooling_mode="mean", include_prompt=True, *, backend=None)
+    Pooling(word_embedding_dimension=..., pooling_mode_mean_tokens=True, ...)  # v5 form
+    """
+
+    config_keys = ["embedding_dimension", "pooling_mode", "include_prompt"]
+    config_file_name = "config.json"
+    save_in_root = False
+    forward_kwargs: set[str] = set()
+
+    def __init__(
+        self,
+        embedding_dimension: int | None = None,
+        pooling_mode: str | tuple[str, ...] | list[str] | None = None,
+        include_prompt: bool = True,
+        *,
+        word_embedding_dimension: int | None = None,
+        backend: str | None = None,
+        **legacy_modes: bool,
+    ) -> None:
+        nn.Module.__init__(self)  # not super(): a subclass may add sentence-transformers' Pooling to the MRO
+        if word_embedding_dimension is not None:
+            if embedding_dimension not in (None, word_embedding_dimension):
+                raise ValueError("embedding_dimension and word_embedding_dimension disagree")
+            embedding_dimension = word_embedding_dimension
+        if embedding_dimension is None:
+            raise TypeError("Pooling needs embedding_dimension (or word_embedding_dimension)")
+        self.embedding_dimension = int(embedding_dimension)
+        self.pooling_mode = _modes_from(pooling_mode, legacy_modes)
+        self.include_prompt = include_prompt
+        self.backend = backend
+        self.pooling_output_dimension = len(self.modes) * self.embedding_dimension
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return (self.pooling_mode,) if isinstance(self.pooling_mode, str) else tuple(self.pooling_mode)
+
+    # --- the sentence-transformers module interface --------------------------------------------
+
+    def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
+        token_embeddings = features["token_embeddings"]
+        prompt_length = None
+        if not self.include_prompt and "prompt_length" in features:
+            length = features["prompt_length"]
+            prompt_length = int(length[0].item()) if isinstance(length, Tensor) else int(length)
+        if "cu_seq_lens_q" in features:
+            vectors = self._flattened(token_embeddings, features, prompt_length)
+        else:
+            mask = features.get("attention_mask")
+            if mask is not None and mask.size(-1) != token_embeddings.size(1):
+                mask = None  # keep every token, as sentence-transformers does
+            vectors = self._padded(token_embeddings, mask, features, prompt_length)
+        features["sentence_embedding"] = torch.cat(vectors, dim=-1)
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        return self.pooling_output_dimension
+
+    def get_sentence_embedding_dimension(self) -> int:  # the v5 name
+        return self.pooling_output_dimension
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.config_keys}
+
+    def get_pooling_mode_str(self) -> str:
+        return "+".join(self.modes)
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        config = self.get_config_dict()
+        if isinstance(config["pooling_mode"], tuple):
+            config["pooling_mode"] = list(config["pooling_mode"])
+        with open(os.path.join(output_path, self.config_file_name), "w") as handle:
+            json.dump(config, handle, indent=2)
+
+    @classmethod
+    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> Pooling:
+        """From a saved module folder (either config schema); Hub paths need sentence-transformers."""
+        local = os.path.join(model_name_or_path, subfolder, cls.config_file_name)
+        if os.path.exists(local):
+            with open(local) as handle:
+                config = json.load(handle)
+        else:
+            from sentence_transformers.util import load_file_path
+
+            path = load_file_path(model_name_or_path, cls.config_file_name, subfolder=subfolder, **kwargs)
+            with open(path) as handle:
+                config = json.load(handle)
+        config.pop("backend", None)
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        return f"Pooling({self.get_config_dict()})"
+
+    def __reduce__(self):
+        # The class presents sentence-transformers' module path (below), so pickle by this one.
+        return _restore, (type(self) is not Pooling, self.get_config_dict(), self.backend, self.training)
+
+    # The v5 attribute names, read-only.
+    word_embedding_dimension = property(lambda self: self.embedding_dimension)
+    pooling_mode_cls_token = property(lambda self: "cls" in self.modes)
+    pooling_mode_max_tokens = property(lambda self: "max" in self.modes)
+    pooling_mode_mean_tokens = property(lambda self: "mean" in self.modes)
+    pooling_mode_mean_sqrt_len_tokens = property(lambda self: "mean_sqrt_len_tokens" in self.modes)
+    pooling_mode_weightedmean_tokens = property(lambda self: "weightedmean" in self.modes)
+    pooling_mode_lasttoken = property(lambda self: "lasttoken" in self.modes)
+
+    # --- pooling ----------------------------------------------------------------------------------
+
+    def _padded(
+        self, x: Tensor, mask: Tensor | None, features: dict, prompt_length: int | None
+    ) -> list[Tensor]:
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.int64, device=x.device)
+        first_kept = (mask != 0).int().argmax(dim=1)  # left-padding length (0 for right padding)
+        if prompt_length:
+            mask = _exclude_prompt(mask, first_kept, prompt_length)
+        token_weights = features.get("token_weights_sum")
+        vectors = []
+        for mode in self.modes:
+            if mode == "cls":
+                cls = features.get("cls_token_embeddings")
+                vectors.append(cls if cls is not None else select_token(x, mask, None, "first"))
+            elif mode == "lasttoken":
+                vectors.append(select_token(x, mask, None, "last"))
+            elif mode == "max":
+                vectors.append(F.masked_max(x, mask, backend=self.backend))
+            elif mode in ("mean", "mean_sqrt_len_tokens"):
+                weights = mask if mask.is_floating_point() else (mask != 0).float()
+                mean = F.masked_mean(x, weights, backend=self.backend)
+                vectors.append(
+                    _rescale_mean(mode, mean, weights.sum(1, keepdim=True), token_weights, x.dtype)
+                )
+            elif mode == "weightedmean":
+                positions = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)
+                weights = (mask != 0).float() * (positions - first_kept.unsqueeze(1))
+                mean = F.masked_mean(x, weights, backend=self.backend)
+                vectors.append(
+                    _rescale_mean("mean", mean, weights.sum(1, keepdim=True), token_weights, x.dtype)
+                )
+        return vectors
+
+    def _flattened(self, x: Tensor, features: dict, prompt_length: int | None) -> list[Tensor]:
+        tokens = x.reshape(-1, x.shape[-1])  # (1, T, H) -> (T, H)
+        cu_seqlens = features["cu_seq_lens_q"]
+        if prompt_length:
+            tokens, cu_seqlens = _drop_prompt_tokens(tokens, cu_seqlens, prompt_length)
+        varlen = dict(cu_seqlens=cu_seqlens, backend=self.backend)
+        starts, ends = segment_bounds(cu_seqlens, tokens.shape[0])
+        lengths = (ends - starts).unsqueeze(1).to(torch.float32)
+        vectors = []
+        for mode in self.modes:
+            if mode == "cls":
+                cls = features.get("cls_token_embeddings")
+                vectors.append(cls if cls is not None else select_token(tokens, None, cu_seqlens, "first"))
+            elif mode == "lasttoken":
+                vectors.append(select_token(tokens, None, cu_seqlens, "last"))
+            elif mode == "max":
+                vectors.append(F.masked_max(tokens, **varlen))
+            elif mode in ("mean", "mean_sqrt_len_tokens"):
+                vectors.append(
+                    _rescale_mean(mode, F.masked_mean(tokens, **varlen), lengths, None, tokens.dtype)
+                )
+            elif mode == "weightedmean":
+                # weights 1..n within each sequence: sum(w x) / sum(w), sum(w) = n (n + 1) / 2 (minus
+                # the prompt's share, whose tokens were dropped but keep their positions).
+                offset = float(prompt_length or 0)
+                token_ids = torch.arange(tokens.shape[0], device=tokens.device)
+                sequence = torch.searchsorted(ends, token_ids, right=True).clamp(max=max(len(ends) - 1, 0))
+                weights = (token_ids - starts[sequence] + 1 + offset).unsqueeze(1).to(torch.float32)
+                weighted = F.masked_mean(tokens.float() * weights, **varlen)  # float32, as theirs
+                weight_sum = lengths * (lengths + 1) / 2 + lengths * offset
+                mean = torch.where(weight_sum > 0, weighted * lengths / weight_sum.clamp(min=1e-9), 0)
+                vectors.append(mean.to(tokens.dtype))
+        return vectors
+
+
+# sentence-transformers records a module's class in modules.json as `type(module).__module__` (v5)
+# or f"{__module__}.{__name__}" (v6), and v6 imports classes outside its namespace only with
+# trust_remote_code. Presenting its own classic path keeps saved models loadable anywhere, with or
+# without fused_pool; __reduce__ above keeps pickling by this module.
+Pooling.__module__ = "sentence_transformers.models.Pooling"
+
+
+def _restore(
+    sentence_transformers_subclass: bool, config: dict, backend: str | None, training: bool
+) -> Pooling:
+    if sentence_transformers_subclass:
+        from ..integrations.sentence_transformers import FusedPooling as cls
+    else:
+        cls = Pooling
+    module = cls(**config, backend=backend)
+    module.train(training)
+    return module
+
+
+def _rescale_mean(
+    mode: str, mean: Tensor, count: Tensor, token_weights_sum: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """mean = sum / count -> sum / count (mean), sum / sqrt(count) (mean_sqrt_len_tokens), or
+    sum / token_weights_sum (sentence-transformers' WordWeights feature)."""
+    if token_weights_sum is None and mode == "mean":
+        return mean
+    total = mean.float() * count
+    if token_weights_sum is not None:
+        denominator = token_weights_sum.unsqueeze(-1).to(
+            torch.promote_types(torch.float32, token_weights_sum.dtype)
+        )
+        dtype = torch.promote_types(dtype, token_weights_sum.dtype)
+    else:
+        denominator = count
+    denominator = torch.clamp(denominator, min=1e-9)
+    out = total / (denominator if mode == "mean" else denominator.sqrt())
+    return out.to(dtype)
+
+
+def _exclude_prompt(mask: Tensor, first_kept: Tensor, prompt_length: int) -> Tensor:
+    """A copy of the mask without each sequence's first prompt_length tokens (after left padding)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return mask.masked_fill(positions < (first_kept + prompt_length).unsqueeze(1), 0)
+
+
+def _drop_prompt_tokens(tokens: Tensor, cu_seqlens: Tensor, prompt_length: int) -> tuple[Tensor, Tensor]:
+    """Packed tokens without each sequence's first prompt_length tokens, and their cu_seqlens."""
+    starts, ends = segment_bounds(cu_seqlens, tokens.shape[0])
+    kept_lengths = (ends - starts - prompt_length).clamp(min=0)
+    token_ids = torch.arange(tokens.shape[0], device=tokens.device)
+    sequence = torch.searchsorted(ends, token_ids, right=True).clamp(max=max(len(ends) - 1, 0))
+    inside = (token_ids >= starts[sequence] + prompt_length) & (token_ids < ends[sequence])
+    new_cu = torch.nn.functional.pad(kept_lengths.cumsum(0), (1, 0)).to(cu_seqlens.dtype)
+    return tokens[inside], new_cu

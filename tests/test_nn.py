@@ -1,0 +1,167 @@
+"""fused_pool.nn modules: each against an independent computation, padded and varlen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FUSED, assert_close, cu_seqlens_of, make_generator
+
+import fused_pool
+from fused_pool import nn as fnn
+from fused_pool import reference
+
+BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu"), *FUSED]
+
+
+def padded_inputs(device, left=False, seed=0):
+    gen = make_generator(seed)
+    x = torch.randn(4, 9, 12, generator=gen).to(device)
+    lengths = torch.tensor([9, 3, 0, 6])
+    positions = torch.arange(9)
+    keep = positions >= 9 - lengths[:, None] if left else positions < lengths[:, None]
+    return x, keep.to(device)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_mean_max_modules_are_the_functions(backend, device):
+    x, mask = padded_inputs(device)
+    for module, fn in [
+        (fnn.MeanPool, reference.masked_mean),
+        (fnn.MaxPool, reference.masked_max),
+        (fnn.MeanMaxPool, reference.masked_mean_max),
+    ]:
+        assert_close(module(backend=backend)(x, mask), fn(x, mask))
+        tokens = x[0]
+        cu_seqlens = cu_seqlens_of([2, 0, 7], device=device)
+        assert_close(
+            module(backend=backend)(tokens, cu_seqlens=cu_seqlens, max_seqlen=7),
+            fn(tokens, cu_seqlens=cu_seqlens),
+        )
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+def test_cls_and_last_token(left):
+    x, mask = padded_inputs("cpu", left=left)
+    first, last = fnn.CLSPool()(x, mask), fnn.LastTokenPool()(x, mask)
+    for b in range(x.shape[0]):
+        kept = mask[b].nonzero().flatten().tolist()
+        assert torch.equal(first[b], x[b, kept[0]] if kept else torch.zeros(12))
+        assert torch.equal(last[b], x[b, kept[-1]] if kept else torch.zeros(12))
+    assert torch.equal(fnn.CLSPool()(x), x[:, 0]) and torch.equal(fnn.LastTokenPool()(x), x[:, -1])
+
+
+def test_cls_and_last_token_varlen_and_gradients():
+    tokens = torch.randn(10, 5, requires_grad=True)
+    cu_seqlens = cu_seqlens_of([4, 0, 6])
+    first, last = (
+        fnn.CLSPool()(tokens, cu_seqlens=cu_seqlens),
+        fnn.LastTokenPool()(tokens, cu_seqlens=cu_seqlens),
+    )
+    assert torch.equal(first, torch.stack([tokens[0], torch.zeros(5), tokens[4]]))
+    assert torch.equal(last, torch.stack([tokens[3], torch.zeros(5), tokens[9]]))
+    (grad,) = torch.autograd.grad(first.sum() + 2 * last.sum(), tokens)
+    expected = torch.zeros(10, 5)
+    expected[[0, 4]] = 1
+    expected[[3, 9]] = 2
+    assert torch.equal(grad, expected)
+    one_token = fnn.CLSPool()(tokens[:1], cu_seqlens=cu_seqlens_of([1]))
+    assert torch.equal(one_token, tokens[:1])
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("heads", [1, 3])
+def test_attention_pool_query(backend, device, heads):
+    x, mask = padded_inputs(device)
+    module = fnn.AttentionPool(12, num_heads=heads, backend=backend).to(device)
+    # Zero-initialized query: uniform weights, i.e. the masked mean.
+    assert_close(module(x, mask), reference.masked_mean(x, mask))
+    with torch.no_grad():
+        module.query.copy_(torch.randn(module.query.shape, generator=make_generator(1)))
+    assert_close(module(x, mask), reference.query_attention_pool(x, module.query, mask))
+    module(x, mask).sum().backward()
+    assert module.query.grad is not None and module.query.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_attention_pool_mlp(backend, device):
+    torch.manual_seed(0)
+    x, mask = padded_inputs(device)
+    module = fnn.AttentionPool(12, num_heads=2, scorer="mlp", mlp_hidden=7, backend=backend).to(device)
+    scores = module.scorer(x)
+    assert_close(module(x, mask), reference.attention_pool(x, scores, mask))
+    module(x, mask).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.scorer.parameters())
+    tokens, cu_seqlens = x[0], cu_seqlens_of([4, 5], device=device)
+    assert_close(
+        module(tokens[None], cu_seqlens=cu_seqlens),
+        reference.attention_pool(tokens, module.scorer(tokens), cu_seqlens=cu_seqlens),
+    )
+
+
+def test_attention_pool_arguments():
+    with pytest.raises(ValueError, match="num_heads = 5 must be >= 1 and divide hidden_size = 12"):
+        fnn.AttentionPool(12, num_heads=5)
+    with pytest.raises(ValueError, match="scorer must be 'query' or 'mlp'"):
+        fnn.AttentionPool(12, scorer="gru")
+
+
+class RecordingMean(fnn.MeanPool):
+    """MeanPool that records the inputs it was called with."""
+
+    def __init__(self):
+        super().__init__(backend="torch")
+        self.seen = []
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.seen.append(hidden_states)
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+def layers_of(device, count=7, seed=2):
+    gen = make_generator(seed)
+    return tuple(torch.randn(3, 5, 8, generator=gen).to(device) for _ in range(count))
+
+
+def test_weighted_layer_pool_linear_base_pools_each_layer():
+    layers, mask = layers_of("cpu"), torch.rand(3, 5, generator=make_generator(3)) > 0.3
+    base = RecordingMean()
+    module = fnn.WeightedLayerPool(
+        num_layers=6, layer_start=2, base=base, layer_weights=torch.arange(1.0, 6.0)
+    )
+    out = module(layers, mask)
+    weights = torch.arange(1.0, 6.0) / 15
+    stacked = torch.stack(layers[2:])  # the formula, written the expensive way
+    expected = reference.masked_mean((weights[:, None, None, None] * stacked).sum(0), mask)
+    assert_close(out, expected)
+    assert all(
+        seen is layer for seen, layer in zip(base.seen, layers[2:], strict=True)
+    )  # never a mixed tensor
+    out.sum().backward()
+    assert module.layer_weights.grad is not None
+
+
+def test_weighted_layer_pool_nonlinear_base_mixes_layers():
+    layers, mask = layers_of("cpu"), torch.rand(3, 5, generator=make_generator(4)) > 0.3
+    module = fnn.WeightedLayerPool(num_layers=6, layer_start=4, base=fnn.MaxPool(backend="torch"))
+    mixed = torch.stack(layers[4:]).mean(0)
+    assert_close(module(layers, mask), reference.masked_max(mixed, mask))
+    with pytest.raises(ValueError, match="needs a sequence of at least 7 layer outputs"):
+        module(layers[:3], mask)
+    with pytest.raises(ValueError, match="layer_weights must have 3 entries"):
+        fnn.WeightedLayerPool(num_layers=6, layer_start=4, layer_weights=torch.ones(2))
+
+
+def test_concat_layers_pool():
+    layers, mask = layers_of("cpu"), torch.rand(3, 5, generator=make_generator(5)) > 0.3
+    out = fnn.ConcatLayersPool(num_layers=3, base=fnn.MaxPool(backend="torch"))(layers, mask)
+    expected = torch.cat([reference.masked_max(layers[i], mask) for i in (-1, -2, -3)], -1)
+    assert torch.equal(out, expected)
+    # For a channel-wise base, pooling each layer equals pooling the concatenated layers.
+    assert torch.equal(out, reference.masked_max(torch.cat([layers[-1], layers[-2], layers[-3]], -1), mask))
+    tokens = [layer[0] for layer in layers]
+    varlen = fnn.ConcatLayersPool(2)(tokens, cu_seqlens=cu_seqlens_of([2, 3]))
+    assert varlen.shape == (2, 16)
+
+
+def test_modules_reachable_from_the_package():
+    assert fused_pool.nn.MeanPool is fnn.MeanPool and fused_pool.nn.Pooling is fnn.Pooling

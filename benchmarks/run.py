@@ -4,7 +4,7 @@
     python benchmarks/run.py                  # full sweep (CUDA when present)
     python benchmarks/run.py --device cpu --ops masked_mean attention_pool --dtypes float32
 
-Writes one CSV per run to --out (default benchmarks/results/), named by device and date, plots
+Writes one CSV per run to --out (default benchmarks/results/), named by device, date and time, plots
 next to it (matplotlib), and prints a table. Providers, timing and the byte floor behind GB/s are
 described in providers.py and measure.py.
 """
@@ -254,7 +254,8 @@ def main() -> None:
     slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    path = args.out / f"{slug}_{env['date']}{'_quick' if args.quick else ''}.csv"
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")  # one file per run, never overwritten
+    path = args.out / f"{slug}_{stamp}{'_quick' if args.quick else ''}.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()

@@ -35,6 +35,20 @@ FP_CPU_CLONES void max_row(Acc* __restrict best, int32_t* __restrict best_row, c
   }
 }
 
+// mean_max in one pass over the row: block += w * x and the running max of max_row.
+template <typename T, typename Acc>
+FP_CPU_CLONES void mean_max_row(Acc* __restrict block, Acc w, Acc* __restrict best, int32_t* __restrict best_row,
+                                const T* __restrict x, int32_t row, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc v = static_cast<Acc>(x[i]);
+    block[i] += w * v;
+    const Acc b = best[i];
+    const bool take = (v > b) | ((v != v) & (b == b));
+    best[i] = take ? v : b;
+    best_row[i] = take ? row : best_row[i];
+  }
+}
+
 // dx = scale * g_mean + (argmax == position ? g_max : 0) over n channels (either term optional).
 template <typename T, typename Acc>
 FP_CPU_CLONES void pool_grad_row(T* __restrict dx, const Acc* __restrict g_mean, Acc scale,
@@ -73,21 +87,24 @@ void reduce_rows(const T* x, const Batch& batch, const RowChunk& chunk, int64_t 
     const Acc w = batch.mask.weight<Acc>(chunk.seq, row);
     if (w == Acc(0)) continue;  // padding: never read
     const T* values = contiguous_slice(x_seq + row * g.stride_row, g.stride_h, n, gathered);
-    if (mode & kMean) {
+    const int32_t r = static_cast<int32_t>(row);
+    if ((mode & kMax) && kept == 0) {  // the first kept row starts the running max
+      for (int64_t i = 0; i < n; ++i) part.best[i] = static_cast<Acc>(values[i]);
+      std::fill(part.best_row.begin(), part.best_row.end(), r);
+      if (mode & kMean) add_weighted_row(block.data(), values, w, n);
+    } else if (mode == (kMean | kMax)) {  // both from one pass over the row
+      mean_max_row(block.data(), w, part.best.data(), part.best_row.data(), values, r, n);
+    } else if (mode & kMean) {
       add_weighted_row(block.data(), values, w, n);
+    } else {
+      max_row(part.best.data(), part.best_row.data(), values, r, n);
+    }
+    if (mode & kMean) {
       block_weight += w;
       if ((kept + 1) % kSumBlockRows == 0) {
         flush_block(part.total.data(), block.data(), n);
         part.weight += block_weight;
         block_weight = 0;
-      }
-    }
-    if (mode & kMax) {
-      if (kept == 0) {
-        for (int64_t i = 0; i < n; ++i) part.best[i] = static_cast<Acc>(values[i]);
-        std::fill(part.best_row.begin(), part.best_row.end(), static_cast<int32_t>(row));
-      } else {
-        max_row(part.best.data(), part.best_row.data(), values, static_cast<int32_t>(row), n);
       }
     }
     ++kept;

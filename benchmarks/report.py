@@ -1,6 +1,6 @@
 """A Markdown table of a benchmark CSV, for the README (numbers copied from the file, never typed).
 
-    python benchmarks/report.py benchmarks/results/<run>.csv [--mode fwd+bwd] [--layout padded]
+python benchmarks/report.py benchmarks/results/<run>.csv [--mode fwd+bwd] [--layout padded]
 """
 
 from __future__ import annotations
@@ -31,10 +31,16 @@ def markdown(rows: list[dict]) -> str:
     for row in rows:
         groups[(row["op"], case_of(row), row["dtype"], row["mode"])][row["provider"]] = row
     present = [p for p in PROVIDERS if any(p in g for g in groups.values())]
-    lines = [
-        "| op | case | dtype | mode | " + " | ".join(f"{p} ms" for p in present) + " | fused vs eager | fused vs compile |",
-        "|" + "---|" * (6 + len(present)),
+    header = [
+        "op",
+        "case",
+        "dtype",
+        "mode",
+        *(f"{p} ms" for p in present),
+        "fused vs eager",
+        "fused vs compile",
     ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (op, case, dtype, mode), by_provider in groups.items():
         cells = [f"{float(by_provider[p]['ms_p50']):.3f}" if p in by_provider else "" for p in present]
         fused = [float(r["ms_p50"]) for p, r in by_provider.items() if p.startswith("fused_pool:")]
@@ -47,22 +53,19 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("csv")
     parser.add_argument("--mode", default=None)
     parser.add_argument("--layout", default=None)
     args = parser.parse_args()
     with open(args.csv) as handle:
-        rows = [
-            r
-            for r in csv.DictReader(handle)
-            if (args.mode is None or r["mode"] == args.mode) and (args.layout is None or r["layout"] == args.layout)
-        ]
+        rows = list(csv.DictReader(handle))
+    rows = [r for r in rows if args.mode in (None, r["mode"]) and args.layout in (None, r["layout"])]
     first = rows[0]
-    print(
-        f"{first['device']}, torch {first['torch']}, triton {first['triton'] or '-'}, commit {first['commit']}, "
-        f"{first['date']}; device-copy bandwidth {float(first['copy_bw_gbps']):.1f} GB/s\n"
-    )
+    versions = f"torch {first['torch']}, triton {first['triton'] or '-'}, commit {first['commit']}"
+    bandwidth = f"device-copy bandwidth {float(first['copy_bw_gbps']):.1f} GB/s"
+    print(f"{first['device']}, {versions}, {first['date']}; {bandwidth}\n")
     print(markdown(rows))
 
 

@@ -223,37 +223,34 @@ void attention_backward_kernel(const at::Tensor& grad, const at::Tensor& x, cons
   const Acc* stats_ptr = stats.const_data_ptr<Acc>();
   T* dx_ptr = dx.mutable_data_ptr<T>();
   const int64_t num_blocks = (g.num_rows + kBackwardBlockRows - 1) / kBackwardBlockRows;
-  const int64_t grain = std::max<int64_t>(1, row_grain(hidden) / kBackwardBlockRows);
-  at::parallel_for(0, num_blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> gathered;
-    for (int64_t block = begin; block < end; ++block) {
-      Acc* dq = dquery_parts != nullptr ? dquery_parts + block * hidden : nullptr;
-      if (dq != nullptr) std::fill(dq, dq + hidden, Acc(0));
-      const int64_t last = std::min(g.num_rows, (block + 1) * kBackwardBlockRows);
-      for (int64_t row = block * kBackwardBlockRows; row < last; ++row) {
-        int64_t seq, position;
-        const bool kept =
-            locate_row(g, batch.cu_seqlens, row, seq, position) && batch.mask.weight<Acc>(seq, position) != Acc(0);
-        T* dx_row = dx_ptr + row * hidden;
-        if (!kept) {
-          std::fill(dx_row, dx_row + hidden, T(0));
-          if (dscores != nullptr) std::fill(dscores + row * heads, dscores + (row + 1) * heads, Acc(0));
-          continue;
-        }
-        const T* x_row = x_ptr + seq * g.stride_b + position * g.stride_row;
-        for (int64_t head = 0; head < heads; ++head) {
-          const T* values = contiguous_slice(x_row + head * d * g.stride_h, g.stride_h, d, gathered);
-          const Acc* stat = stats_ptr + (seq * heads + head) * 2;
-          const Acc p = softmax_weight(score_of(sc, values, row, head), stat[0], stat[1]);
-          const Acc* g_head = g_ptr + seq * hidden + head * d;
-          const Acc* out_head = out_ptr + seq * hidden + head * d;
-          if (dq != nullptr) {  // query mode: dx needs ds, so ds comes first
-            const Acc ds = p * dot_minus_out(g_head, values, out_head, d);
-            attention_grad_row(dx_row + head * d, g_head, p, sc.query + head * d, ds * sc.scale, d);
-            add_weighted_row(dq + head * d, values, ds * sc.scale, d);
-          } else {
-            dscores[row * heads + head] = p * scaled_grad_and_dot(dx_row + head * d, g_head, p, values, out_head, d);
-          }
+  // Blocks differ in work (padding rows only write zeros): each thread takes the next block.
+  parallel_tasks<std::vector<T>>(num_blocks, g.num_rows * hidden, [&](int64_t block, std::vector<T>& gathered) {
+    Acc* dq = dquery_parts != nullptr ? dquery_parts + block * hidden : nullptr;
+    if (dq != nullptr) std::fill(dq, dq + hidden, Acc(0));
+    const int64_t last = std::min(g.num_rows, (block + 1) * kBackwardBlockRows);
+    for (int64_t row = block * kBackwardBlockRows; row < last; ++row) {
+      int64_t seq, position;
+      const bool kept =
+          locate_row(g, batch.cu_seqlens, row, seq, position) && batch.mask.weight<Acc>(seq, position) != Acc(0);
+      T* dx_row = dx_ptr + row * hidden;
+      if (!kept) {
+        std::fill(dx_row, dx_row + hidden, T(0));
+        if (dscores != nullptr) std::fill(dscores + row * heads, dscores + (row + 1) * heads, Acc(0));
+        continue;
+      }
+      const T* x_row = x_ptr + seq * g.stride_b + position * g.stride_row;
+      for (int64_t head = 0; head < heads; ++head) {
+        const T* values = contiguous_slice(x_row + head * d * g.stride_h, g.stride_h, d, gathered);
+        const Acc* stat = stats_ptr + (seq * heads + head) * 2;
+        const Acc p = softmax_weight(score_of(sc, values, row, head), stat[0], stat[1]);
+        const Acc* g_head = g_ptr + seq * hidden + head * d;
+        const Acc* out_head = out_ptr + seq * hidden + head * d;
+        if (dq != nullptr) {  // query mode: dx needs ds, so ds comes first
+          const Acc ds = p * dot_minus_out(g_head, values, out_head, d);
+          attention_grad_row(dx_row + head * d, g_head, p, sc.query + head * d, ds * sc.scale, d);
+          add_weighted_row(dq + head * d, values, ds * sc.scale, d);
+        } else {
+          dscores[row * heads + head] = p * scaled_grad_and_dot(dx_row + head * d, g_head, p, values, out_head, d);
         }
       }
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import statistics
 import sys
 import time
@@ -45,6 +46,12 @@ def keep_freed_memory_on_cpu() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far: on CPU, first touches of freshly mapped memory
+    (the main source of run-to-run spread there; the CSV records them per call)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_ms(fn: Callable[[], object], device: str, budget_s: float) -> tuple[float, float, float]:

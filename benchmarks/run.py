@@ -50,6 +50,7 @@ COLUMNS = [
     "copy_bw_gbps",
     "peak_mem_bytes",
     "wall_us_per_call",
+    "faults_per_call",
     "floor_bytes",
     "max_abs_err",
     "device",
@@ -164,12 +165,21 @@ def measure_job(op, mode, provider, inputs, device, budget) -> dict[str, object]
             def call():
                 return torch.autograd.grad(graph_out, leaves, grad, retain_graph=True)
 
-    p50, p20, p80 = measure.time_ms(call, device, budget)
+    calls = [0]
+
+    def counted():
+        calls[0] += 1
+        return call()
+
+    faults_before = measure.minor_page_faults()
+    p50, p20, p80 = measure.time_ms(counted, device, budget)
+    faults = (measure.minor_page_faults() - faults_before) / max(calls[0], 1)
     return {
         "ms_p50": p50,
         "ms_p20": p20,
         "ms_p80": p80,
         "max_abs_err": error,
+        "faults_per_call": round(faults, 1) if device == "cpu" else "",
         "peak_mem_bytes": measure.peak_memory_bytes(call, device),
         "call": call,
     }

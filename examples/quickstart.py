@@ -32,19 +32,28 @@ def main():
     print(f"device {device}; backends here: {fused_pool.available_backends()}")
     print(f"padded x {tuple(x.shape)}, varlen x {tuple(tokens.shape)}, {len(lengths)} sequences")
 
+    scores = torch.randn(batch, length, device=device, requires_grad=True)  # e.g. from a scorer head
+    query = torch.randn(4, hidden // 4, device=device, requires_grad=True)  # 4 heads
+    token_scores = scores.detach()[mask]
+    ops = {
+        "masked_mean": ((), ()),
+        "masked_max": ((), ()),
+        "masked_mean_max": ((), ()),
+        "attention_pool": ((scores,), (token_scores,)),
+        "query_attention_pool": ((query,), (query,)),
+    }
     for backend in fused_pool.available_backends():
-        if backend == "triton" and device == "cpu":
-            note = " (Triton interpreter: correct, not fast)"
-        else:
-            note = ""
-        for name in ("masked_mean", "masked_max", "masked_mean_max"):
+        note = " (Triton interpreter: correct, not fast)" if backend == "triton" and device == "cpu" else ""
+        for name, (padded_args, packed_args) in ops.items():
             fn, ref = getattr(fused_pool, name), getattr(reference, name)
-            out = fn(x, mask, backend=backend)
-            packed = fn(tokens, cu_seqlens=cu_seqlens, backend=backend)
-            error = max((out - ref(x, mask)).abs().max().item(), (packed - out).abs().max().item())
-            ms = timed(lambda fn=fn, backend=backend: fn(x, mask, backend=backend).sum().backward())
+            out = fn(x, *padded_args, mask, backend=backend)
+            packed = fn(tokens, *packed_args, cu_seqlens=cu_seqlens, backend=backend)
+            error = max(
+                (out - ref(x, *padded_args, mask)).abs().max().item(), (packed - out).abs().max().item()
+            )
+            ms = timed(lambda fn=fn, a=padded_args, b=backend: fn(x, *a, mask, backend=b).sum().backward())
             print(
-                f"{backend:>7} {name:<16} max |error| vs reference {error:.1e}   fwd+bwd {ms:8.2f} ms{note}"
+                f"{backend:>7} {name:<21} max |error| vs reference {error:.1e}   fwd+bwd {ms:8.2f} ms{note}"
             )
 
 

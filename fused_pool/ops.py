@@ -12,8 +12,7 @@ Every fused backend provides the same three forward / backward kernel pairs:
 pool `mode` is 1 (mean), 2 (max) or 3 (mean_max); `den` is sum(w) per sequence (mean modes) and
 `argmax` the int32 row of each maximum (max modes), else empty. Attention `out` is float32
 (float64 for float64 x; the caller casts it to x's dtype) and `stats` the (B, nh, 2) softmax
-running max and sum;
-scores are (B, L, nh) / (T, nh) and query (nh, H / nh).
+running max and sum; scores are (B, L, nh) / (T, nh) and query (nh, H / nh).
 
 The Triton kernels are registered here as `fused_pool::triton_<kind>_fwd` / `_bwd`; the C++/CUDA
 extension registers its own as `fused_pool::ext_<kind>_fwd` / `_bwd` (csrc/). Every registered

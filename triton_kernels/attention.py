@@ -39,6 +39,16 @@ from .segments import (
 
 
 @triton.jit
+def _head_channels(program, blocks_per_head, D, BLOCK_D: tl.constexpr):
+    """Program `program` along the channel axis -> (head, block within the head, its channels, which
+    of them exist)."""
+    head = program // blocks_per_head
+    d_block = program % blocks_per_head
+    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    return head, d_block, head * D + offs_d, offs_d < D
+
+
+@triton.jit
 def _attention_fwd_kernel(
     x_ptr,
     scores_ptr,
@@ -79,11 +89,7 @@ def _attention_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    head = tl.program_id(1) // blocks_per_head
-    d_block = tl.program_id(1) % blocks_per_head
-    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_in = offs_d < D
-    channels = head * D + offs_d
+    head, d_block, channels, d_in = _head_channels(tl.program_id(1), blocks_per_head, D, BLOCK_D)
     seq, first, last = program_chunk(
         pid,
         chunk_offsets_ptr,
@@ -169,11 +175,7 @@ def _attention_combine_kernel(
 ):
     """Merges one sequence's (m, l, acc) chunk partials in chunk order, as split softmax does."""
     seq = tl.program_id(0)
-    head = tl.program_id(1) // blocks_per_head
-    d_block = tl.program_id(1) % blocks_per_head
-    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_in = offs_d < D
-    channels = head * D + offs_d
+    head, d_block, channels, d_in = _head_channels(tl.program_id(1), blocks_per_head, D, BLOCK_D)
     first, end = sequence_chunks(seq, chunk_offsets_ptr, splits, num_chunks, VARLEN)
     row_max = tl.full([], float("-inf"), dtype=ACC_DTYPE)
     den = tl.zeros([], dtype=ACC_DTYPE)

@@ -137,13 +137,6 @@ FP_HOST_DEVICE void merge_max(Acc& best, int32_t& best_row, Acc value, int32_t r
   }
 }
 
-// Online softmax state of one head: running max m and running sum l of exp(s - m).
-template <typename Acc>
-struct SoftmaxState {
-  Acc m;
-  Acc l;
-};
-
 // exp(a - b) where -inf - -inf counts as exp(-inf) = 0 (an empty state).
 template <typename Acc>
 FP_HOST_DEVICE Acc exp_diff(Acc a, Acc b) {

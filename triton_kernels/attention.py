@@ -28,7 +28,10 @@ import triton
 import triton.language as tl
 
 from .segments import (
+    accumulation_dtype,
     channel_block,
+    geometry,
+    kernel_mask,
     plan_split,
     program_chunk,
     resident_programs,
@@ -304,26 +307,9 @@ def _attention_bwd_kernel(
         tl.store(dquery_part_ptr + pid.to(tl.int64) * H + head * D + offs_d, dquery, mask=d_in)
 
 
-def _geometry(x, cu_seqlens, max_seqlen):
-    """(num_seqs, seq_len, num_rows, longest, (stride_b, stride_row, stride_h)) of x."""
-    if cu_seqlens is not None:
-        num_rows = x.shape[0]
-        longest = num_rows if max_seqlen is None else min(max_seqlen, num_rows)
-        return cu_seqlens.shape[0] - 1, 0, num_rows, longest, (0, x.stride(0), x.stride(1))
-    batch, length = x.shape[0], x.shape[1]
-    return batch, length, batch * length, length, x.stride()
-
-
 def _score_strides(scores, varlen):
     """(stride_b, stride_row, stride_head) of (B, L, nh) / (T, nh) scores."""
     return (0, *scores.stride()) if varlen else scores.stride()
-
-
-def _kernel_mask(mask):
-    if mask is None:
-        return None, (0, 0)
-    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    return mask, mask.stride()
 
 
 def _blocks(head_dim: int, query: bool) -> tuple[int, int, int]:
@@ -349,7 +335,7 @@ def attention_forward(
     num_heads = query.shape[0] if is_query else scores.shape[-1]
     hidden = x.shape[-1]
     head_dim = hidden // num_heads
-    num_seqs, seq_len, num_rows, longest, x_strides = _geometry(x, cu_seqlens, max_seqlen)
+    num_seqs, seq_len, num_rows, longest, x_strides = geometry(x, cu_seqlens, max_seqlen)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = torch.empty(num_seqs, hidden, dtype=acc, device=x.device)
     stats = torch.empty(num_seqs, num_heads, 2, dtype=acc, device=x.device)
@@ -362,14 +348,14 @@ def attention_forward(
         torch.empty(plan.num_chunks if plan.split else 0, *shape, dtype=acc, device=x.device)
         for shape in ((num_heads,), (num_heads,), (hidden,))
     ]
-    kernel_mask, mask_strides = _kernel_mask(mask)
+    mask_view, mask_strides = kernel_mask(mask)
     offsets = plan.chunk_offsets if plan.chunk_offsets is not None else stats  # unused when padded
-    acc_dtype = tl.float64 if acc == torch.float64 else tl.float32
+    acc_dtype = accumulation_dtype(x.dtype)
     _attention_fwd_kernel[(plan.num_chunks, num_heads * blocks_per_head)](
         x,
         scores if scores is not None else x,
         query if is_query else x,
-        kernel_mask if mask is not None else x,
+        mask_view if mask is not None else x,
         cu_seqlens if varlen else x,
         offsets,
         out,
@@ -444,7 +430,7 @@ def attention_backward(
     num_heads = stats.shape[1]
     hidden = x.shape[-1]
     head_dim = hidden // num_heads if num_heads else 0
-    num_seqs, seq_len, num_rows, _, x_strides = _geometry(x, cu_seqlens, None)
+    num_seqs, seq_len, num_rows, _, x_strides = geometry(x, cu_seqlens)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     other = query if is_query else scores
     if num_rows == 0 or hidden == 0 or num_seqs == 0:
@@ -461,13 +447,13 @@ def attention_backward(
     else:
         dscores = torch.empty(scores.shape, dtype=scores.dtype, device=x.device)
         dquery_parts = stats  # unused
-    kernel_mask, mask_strides = _kernel_mask(mask)
+    mask_view, mask_strides = kernel_mask(mask)
     _attention_bwd_kernel[(num_programs, num_heads)](
         grad_out,
         x,
         scores if scores is not None else x,
         query if is_query else x,
-        kernel_mask if mask is not None else x,
+        mask_view if mask is not None else x,
         cu_seqlens if varlen else x,
         stats,
         out,
@@ -489,7 +475,7 @@ def attention_backward(
         QUERY=is_query,
         HAS_MASK=mask is not None,
         VARLEN=varlen,
-        ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=accumulation_dtype(out.dtype),
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         num_warps=num_warps,

@@ -19,7 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .segments import channel_block, plan_split, program_chunk, row_sequence, search_iters, sequence_chunks
+from .segments import (
+    accumulation_dtype,
+    channel_block,
+    geometry,
+    kernel_mask,
+    plan_split,
+    program_chunk,
+    row_sequence,
+    search_iters,
+    sequence_chunks,
+)
 
 MEAN, MAX, MEAN_MAX = 1, 2, 3  # mode bits: 1 = mean, 2 = max
 
@@ -339,17 +349,9 @@ def _pool_bwd_kernel(
     tl.store(dx_ptr + rows[:, None] * H + offs_h[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_in)
 
 
-def _accumulation_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _mask_flags(mask: torch.Tensor | None, mode: int) -> tuple[torch.Tensor | None, bool]:
-    """The mask as the kernel reads it (bool viewed as uint8) and whether it weights the mean."""
-    if mask is None:
-        return None, False
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-    return mask, bool(mode & MEAN) and mask.is_floating_point()
+def _weighted(mask: torch.Tensor | None, mode: int) -> bool:
+    """A floating mask weights the mean; every other use keeps w != 0."""
+    return mask is not None and bool(mode & MEAN) and mask.is_floating_point()
 
 
 def _rows_per_tile(block_h: int) -> int:
@@ -367,14 +369,7 @@ def pool_forward(
     (B,) float32/64 if mean else empty, argmax row (B, H) int32 if max else empty)."""
     varlen = cu_seqlens is not None
     hidden = x.shape[-1]
-    if varlen:
-        num_seqs, seq_len, num_rows = cu_seqlens.shape[0] - 1, 0, x.shape[0]
-        stride_xb, stride_xr, stride_xh = 0, x.stride(0), x.stride(1)
-        longest = num_rows if max_seqlen is None else min(max_seqlen, num_rows)
-    else:
-        num_seqs, seq_len = x.shape[0], x.shape[1]
-        num_rows, longest = num_seqs * seq_len, seq_len
-        stride_xb, stride_xr, stride_xh = x.stride()
+    num_seqs, seq_len, num_rows, longest, x_strides = geometry(x, cu_seqlens, max_seqlen)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     want_mean, want_max = bool(mode & MEAN), bool(mode & MAX)
     out = torch.empty(num_seqs, hidden * (2 if mode == MEAN_MAX else 1), dtype=x.dtype, device=x.device)
@@ -383,7 +378,7 @@ def pool_forward(
     if num_seqs == 0 or hidden == 0:
         return out, den.zero_(), argmax.fill_(-1)
 
-    kernel_mask, weighted = _mask_flags(mask, mode)
+    mask_view, mask_strides = kernel_mask(mask)
     block_h = channel_block(hidden)
     block_r = _rows_per_tile(block_h)
     channel_blocks = triton.cdiv(hidden, block_h)
@@ -395,11 +390,11 @@ def pool_forward(
         part_row = torch.empty(plan.num_chunks if want_max else 0, hidden, dtype=torch.int32, device=x.device)
     else:
         part_sum = part_den = part_max = part_row = den  # unused
-    flags = dict(MEAN=want_mean, MAX=want_max, VARLEN=varlen, ACC_DTYPE=_accumulation_dtype(x.dtype))
+    flags = dict(MEAN=want_mean, MAX=want_max, VARLEN=varlen, ACC_DTYPE=accumulation_dtype(x.dtype))
     offsets = plan.chunk_offsets if plan.chunk_offsets is not None else out  # unused when padded
     _pool_fwd_kernel[(plan.num_chunks, channel_blocks)](
         x,
-        kernel_mask if mask is not None else x,
+        mask_view if mask is not None else x,
         cu_seqlens if varlen else x,
         offsets,
         out,
@@ -414,15 +409,13 @@ def pool_forward(
         num_rows,
         hidden,
         out.stride(0),
-        stride_xb,
-        stride_xr,
-        stride_xh,
-        *(kernel_mask.stride() if mask is not None else (0, 0)),
+        *x_strides,
+        *mask_strides,
         plan.chunk_rows,
         plan.splits,
         plan.search_iters,
         HAS_MASK=mask is not None,
-        WEIGHTED=weighted,
+        WEIGHTED=_weighted(mask, mode),
         SPLIT=plan.split,
         BLOCK_R=block_r,
         BLOCK_H=block_h,
@@ -471,13 +464,12 @@ def pool_backward(
     if num_seqs == 0:
         return dx.zero_()
     grad_out = grad_out.contiguous()
-    kernel_mask, weighted = _mask_flags(mask, mode)
+    mask_view, mask_strides = kernel_mask(mask)
     block_h = channel_block(hidden)
     block_r = _rows_per_tile(block_h)
-
     _pool_bwd_kernel[(triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_h))](
         grad_out,
-        kernel_mask if mask is not None else grad_out,
+        mask_view if mask is not None else grad_out,
         cu_seqlens if varlen else grad_out,
         den if mode & MEAN else grad_out,
         argmax if mode & MAX else grad_out,
@@ -487,14 +479,14 @@ def pool_backward(
         num_rows,
         hidden,
         grad_out.stride(0),
-        *(kernel_mask.stride() if mask is not None else (0, 0)),
+        *mask_strides,
         search_iters(num_seqs),
         MEAN=bool(mode & MEAN),
         MAX=bool(mode & MAX),
         HAS_MASK=mask is not None,
-        WEIGHTED=weighted,
+        WEIGHTED=_weighted(mask, mode),
         VARLEN=varlen,
-        ACC_DTYPE=_accumulation_dtype(x_dtype),
+        ACC_DTYPE=accumulation_dtype(x_dtype),
         BLOCK_R=block_r,
         BLOCK_H=block_h,
         num_warps=4,

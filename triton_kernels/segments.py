@@ -29,6 +29,20 @@ PROGRAMS_PER_SM = 8
 
 
 @triton.jit
+def last_at_or_below(sorted_ptr, count, target, search_iters):
+    """For each element of `target` (a scalar or a vector): the largest i in [0, count) with
+    sorted_ptr[i] <= target (0 if none), by binary search of search_iters steps."""
+    lo = tl.zeros(target.shape, dtype=tl.int32)
+    hi = lo + count - 1
+    for _ in range(search_iters):
+        mid = (lo + hi + 1) // 2
+        go = tl.load(sorted_ptr + mid).to(tl.int64) <= target
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    return lo
+
+
+@triton.jit
 def sequence_rows(seq, cu_seqlens_ptr, seq_len, num_rows, VARLEN: tl.constexpr):
     """[start, end) rows of sequence `seq` (int64 scalars)."""
     if VARLEN:
@@ -63,15 +77,7 @@ def program_chunk(
     """
     if SPLIT:
         if VARLEN:
-            # Largest sequence whose first chunk is <= pid.
-            lo = tl.zeros([], dtype=tl.int32)
-            hi = lo + num_seqs - 1
-            for _ in range(search_iters):
-                mid = (lo + hi + 1) // 2
-                go = tl.load(chunk_offsets_ptr + mid) <= pid
-                lo = tl.where(go, mid, lo)
-                hi = tl.where(go, hi, mid - 1)
-            seq = lo
+            seq = last_at_or_below(chunk_offsets_ptr, num_seqs, pid, search_iters)  # its first chunk <= pid
             chunk = pid - tl.load(chunk_offsets_ptr + seq)
             in_range = pid < tl.load(chunk_offsets_ptr + num_seqs)
         else:
@@ -105,14 +111,7 @@ def row_sequence(rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters
     """For a vector of global rows (int64): the sequence of each row, its position (what the forward
     calls a row: l for padded, t for varlen) and whether the row belongs to its sequence at all."""
     if VARLEN:
-        lo = tl.zeros(rows.shape, dtype=tl.int32)
-        hi = lo + num_seqs - 1
-        for _ in range(search_iters):
-            mid = (lo + hi + 1) // 2
-            go = tl.load(cu_seqlens_ptr + mid).to(tl.int64) <= rows
-            lo = tl.where(go, mid, lo)
-            hi = tl.where(go, hi, mid - 1)
-        seq = lo
+        seq = last_at_or_below(cu_seqlens_ptr, num_seqs, rows, search_iters)
         start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
         end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
         start = tl.minimum(tl.maximum(start, 0), num_rows)
@@ -191,6 +190,38 @@ def plan_split(
     offsets = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
     _chunk_offsets_kernel[(1,)](cu_seqlens, offsets, num_seqs, num_rows, chunk_rows, BLOCK=1024)
     return SplitPlan(True, chunk_rows, 1, num_chunks, offsets, iters)
+
+
+class Geometry(NamedTuple):
+    """Where x's rows are, as the kernels address them (module docstring)."""
+
+    num_seqs: int
+    seq_len: int  # L padded, 0 varlen
+    num_rows: int  # B * L padded, T varlen
+    longest: int  # a bound on one sequence's rows: L, or varlen the max_seqlen hint (else T)
+    strides: tuple[int, int, int]  # (stride_b, stride_row, stride_h); stride_b = 0 varlen
+
+
+def geometry(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int | None = None) -> Geometry:
+    if cu_seqlens is not None:
+        num_rows = x.shape[0]
+        longest = num_rows if max_seqlen is None else min(max_seqlen, num_rows)
+        return Geometry(cu_seqlens.shape[0] - 1, 0, num_rows, longest, (0, x.stride(0), x.stride(1)))
+    batch, length = x.shape[0], x.shape[1]
+    return Geometry(batch, length, batch * length, length, tuple(x.stride()))
+
+
+def kernel_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, int]]:
+    """The mask as the kernels read it (bool viewed as uint8, no copy) and its (B, L) strides."""
+    if mask is None:
+        return None, (0, 0)
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return mask, mask.stride()
+
+
+def accumulation_dtype(dtype: torch.dtype):
+    """The kernels' accumulator type: float64 for float64 x, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def channel_block(hidden: int, largest: int = 256) -> int:

@@ -93,10 +93,9 @@ struct ChannelSplit {
   int64_t count;
 };
 
-inline ChannelSplit split_channels(int64_t hidden, int64_t row_tasks, int64_t unit = 1) {
+inline ChannelSplit split_channels(int64_t hidden, int64_t row_tasks) {
   if (hidden == 0) return {1, 0};
-  int64_t size = row_tasks >= 4 * at::get_num_threads() ? hidden : std::max<int64_t>(256, unit);
-  size = std::min(hidden, (size + unit - 1) / unit * unit);
+  const int64_t size = std::min<int64_t>(hidden, row_tasks >= 4 * at::get_num_threads() ? hidden : 256);
   return {size, (hidden + size - 1) / size};
 }
 

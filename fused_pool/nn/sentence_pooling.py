@@ -176,12 +176,14 @@ class Pooling(nn.Module):
     def _padded(
         self, x: Tensor, mask: Tensor | None, features: dict, prompt_length: int | None
     ) -> list[Tensor]:
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.int64, device=x.device)
-        first_kept = (mask != 0).int().argmax(dim=1)  # left-padding length (0 for right padding)
-        if prompt_length:
-            mask = _exclude_prompt(mask, first_kept, prompt_length)
+        if prompt_length or "weightedmean" in self.modes:  # they need the left-padding length
+            if mask is None:
+                mask = torch.ones(x.shape[:2], dtype=torch.int64, device=x.device)
+            first_kept = (mask != 0).int().argmax(dim=1)  # left-padding length (0 for right padding)
+            if prompt_length:
+                mask = _exclude_prompt(mask, first_kept, prompt_length)
         token_weights = features.get("token_weights_sum")
+        mean = None
         vectors = []
         for mode in self.modes:
             if mode == "cls":
@@ -192,18 +194,21 @@ class Pooling(nn.Module):
             elif mode == "max":
                 vectors.append(F.masked_max(x, mask, backend=self.backend))
             elif mode in ("mean", "mean_sqrt_len_tokens"):
-                weights = mask if mask.is_floating_point() else (mask != 0).float()
-                mean = F.masked_mean(x, weights, backend=self.backend)
-                vectors.append(
-                    _rescale_mean(mode, mean, weights.sum(1, keepdim=True), token_weights, x.dtype)
-                )
+                if mean is None:  # one fused pass serves both mean modes
+                    mean = F.masked_mean(x, mask, backend=self.backend)
+                if mode == "mean" and token_weights is None:
+                    vectors.append(mean)
+                else:
+                    vectors.append(_rescale_mean(mode, mean, _weight_sum(x, mask), token_weights, x.dtype))
             elif mode == "weightedmean":
                 positions = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)
                 weights = (mask != 0).float() * (positions - first_kept.unsqueeze(1))
-                mean = F.masked_mean(x, weights, backend=self.backend)
-                vectors.append(
-                    _rescale_mean("mean", mean, weights.sum(1, keepdim=True), token_weights, x.dtype)
-                )
+                weighted = F.masked_mean(x, weights, backend=self.backend)
+                if token_weights is not None:
+                    weighted = _rescale_mean(
+                        "mean", weighted, weights.sum(1, keepdim=True), token_weights, x.dtype
+                    )
+                vectors.append(weighted)
         return vectors
 
     def _flattened(self, x: Tensor, features: dict, prompt_length: int | None) -> list[Tensor]:
@@ -212,8 +217,10 @@ class Pooling(nn.Module):
         if prompt_length:
             tokens, cu_seqlens = _drop_prompt_tokens(tokens, cu_seqlens, prompt_length)
         varlen = dict(cu_seqlens=cu_seqlens, backend=self.backend)
-        starts, ends = segment_bounds(cu_seqlens, tokens.shape[0])
-        lengths = (ends - starts).unsqueeze(1).to(torch.float32)
+        if "mean_sqrt_len_tokens" in self.modes or "weightedmean" in self.modes:  # they need lengths
+            starts, ends = segment_bounds(cu_seqlens, tokens.shape[0])
+            lengths = (ends - starts).unsqueeze(1).to(torch.float32)
+        mean = None
         vectors = []
         for mode in self.modes:
             if mode == "cls":
@@ -224,8 +231,10 @@ class Pooling(nn.Module):
             elif mode == "max":
                 vectors.append(F.masked_max(tokens, **varlen))
             elif mode in ("mean", "mean_sqrt_len_tokens"):
+                if mean is None:  # one fused pass serves both mean modes
+                    mean = F.masked_mean(tokens, **varlen)
                 vectors.append(
-                    _rescale_mean(mode, F.masked_mean(tokens, **varlen), lengths, None, tokens.dtype)
+                    mean if mode == "mean" else _rescale_mean(mode, mean, lengths, None, tokens.dtype)
                 )
             elif mode == "weightedmean":
                 # weights 1..n within each sequence: sum(w x) / sum(w), sum(w) = n (n + 1) / 2 (minus
@@ -236,8 +245,8 @@ class Pooling(nn.Module):
                 weights = (token_ids - starts[sequence] + 1 + offset).unsqueeze(1).to(torch.float32)
                 weighted = F.masked_mean(tokens.float() * weights, **varlen)  # float32, as theirs
                 weight_sum = lengths * (lengths + 1) / 2 + lengths * offset
-                mean = torch.where(weight_sum > 0, weighted * lengths / weight_sum.clamp(min=1e-9), 0)
-                vectors.append(mean.to(tokens.dtype))
+                weighted = torch.where(weight_sum > 0, weighted * lengths / weight_sum.clamp(min=1e-9), 0)
+                vectors.append(weighted.to(tokens.dtype))
         return vectors
 
 
@@ -263,10 +272,8 @@ def _restore(
 def _rescale_mean(
     mode: str, mean: Tensor, count: Tensor, token_weights_sum: Tensor | None, dtype: torch.dtype
 ) -> Tensor:
-    """mean = sum / count -> sum / count (mean), sum / sqrt(count) (mean_sqrt_len_tokens), or
-    sum / token_weights_sum (sentence-transformers' WordWeights feature)."""
-    if token_weights_sum is None and mode == "mean":
-        return mean
+    """mean = sum / count -> sum / sqrt(count) (mean_sqrt_len_tokens), or sum / token_weights_sum
+    (sentence-transformers' WordWeights feature) in either mode."""
     total = mean.float() * count
     if token_weights_sum is not None:
         denominator = token_weights_sum.unsqueeze(-1).to(
@@ -278,6 +285,15 @@ def _rescale_mean(
     denominator = torch.clamp(denominator, min=1e-9)
     out = total / (denominator if mode == "mean" else denominator.sqrt())
     return out.to(dtype)
+
+
+def _weight_sum(x: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, 1) float32 sum of the mean's weights: the kept-token count, or the floating mask's sum."""
+    if mask is None:
+        return torch.full((x.shape[0], 1), float(x.shape[1]), device=x.device)
+    if mask.is_floating_point():
+        return mask.sum(1, keepdim=True, dtype=torch.float32)
+    return (mask != 0).sum(1, keepdim=True).float()
 
 
 def _exclude_prompt(mask: Tensor, first_kept: Tensor, prompt_length: int) -> Tensor:

@@ -10,7 +10,7 @@ TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX" (A100, H100/H200, and PTX for new
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 FLAG = os.environ.get("FUSED_POOL_CUDA", "auto").strip().lower()
 
@@ -55,9 +55,13 @@ def _extension():
 
 ext_modules, cmdclass = _extension()
 
+# Every package under fused_pool/ (nn, integrations, ...) plus the Triton kernels, which live in the
+# top-level folder triton_kernels/ and install as fused_pool.triton_kernels only.
+PACKAGES = find_packages(include=["fused_pool", "fused_pool.*"]) + ["fused_pool.triton_kernels"]
+
 setup(
-    packages=["fused_pool", "fused_pool.triton_kernels"],
-    package_dir={"fused_pool": "fused_pool", "fused_pool.triton_kernels": "triton_kernels"},
+    packages=PACKAGES,
+    package_dir={"fused_pool.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

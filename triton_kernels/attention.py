@@ -27,11 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import wide_query
 from .segments import (
     accumulation_dtype,
     channel_block,
     geometry,
     kernel_mask,
+    launches_on_input_device,
     plan_split,
     program_chunk,
     resident_programs,
@@ -39,6 +41,7 @@ from .segments import (
     search_iters,
     sequence_chunks,
 )
+from .softmax import online_softmax_step, softmax_weight
 
 
 @triton.jit
@@ -48,7 +51,7 @@ def _head_channels(program, blocks_per_head, D, BLOCK_D: tl.constexpr):
     head = program // blocks_per_head
     d_block = program % blocks_per_head
     offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    return head, d_block, head * D + offs_d, offs_d < D
+    return head, d_block, head.to(tl.int64) * D + offs_d, offs_d < D
 
 
 @triton.jit
@@ -71,7 +74,7 @@ def _attention_fwd_kernel(
     D,
     num_heads,
     blocks_per_head,
-    scale,
+    scale: tl.float64,  # float64 also for float32 x: a Python float would be typed float32
     stride_xb,
     stride_xr,
     stride_xh,
@@ -93,7 +96,7 @@ def _attention_fwd_kernel(
 ):
     pid = tl.program_id(0)
     head, d_block, channels, d_in = _head_channels(tl.program_id(1), blocks_per_head, D, BLOCK_D)
-    seq, first, last = program_chunk(
+    seq, _start, first, last = program_chunk(
         pid,
         chunk_offsets_ptr,
         cu_seqlens_ptr,
@@ -107,7 +110,7 @@ def _attention_fwd_kernel(
         SPLIT,
     )
     x_seq = x_ptr + seq.to(tl.int64) * stride_xb
-    s_seq = scores_ptr + seq.to(tl.int64) * stride_sb + head * stride_sh
+    s_seq = scores_ptr + seq.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh
     m_seq = mask_ptr + seq.to(tl.int64) * stride_mb
     if QUERY:
         q = tl.load(query_ptr + channels, mask=d_in, other=0).to(ACC_DTYPE)
@@ -123,17 +126,12 @@ def _attention_fwd_kernel(
         x = tl.load(x_seq + rows[:, None] * stride_xr + channels[None, :] * stride_xh, mask=tile_in, other=0)
         x = x.to(ACC_DTYPE)
         if QUERY:
-            s = tl.sum(x * q[None, :], 1) * scale
+            s = (tl.sum(x * q[None, :], 1) * scale).to(ACC_DTYPE)
         else:
             s = tl.load(s_seq + rows * stride_sr, mask=keep, other=0).to(ACC_DTYPE)
         s = tl.where(keep, s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, 0))
-        shift = tl.where(new_max == float("-inf"), 0, new_max)  # all -inf so far: p = 0, no NaN
-        alpha = tl.exp(row_max - shift)
-        p = tl.exp(s - shift)
-        den = den * alpha + tl.sum(p, 0)
+        row_max, den, alpha, p = online_softmax_step(row_max, den, s)
         acc = acc * alpha + p[:, None] * x
-        row_max = new_max
     total = tl.sum(acc, 0)
     if SPLIT:
         tl.store(part_acc_ptr + pid.to(tl.int64) * H + channels, total, mask=d_in)
@@ -200,13 +198,6 @@ def _attention_combine_kernel(
 
 
 @triton.jit
-def _softmax_weight(s, row_max, den, keep):
-    """p = exp(s - m) / l for kept rows of a nonempty head, else 0."""
-    nonempty = keep & (den > 0)
-    return tl.where(nonempty, tl.exp(s - tl.where(nonempty, row_max, 0)) / tl.where(nonempty, den, 1), 0)
-
-
-@triton.jit
 def _attention_bwd_kernel(
     grad_ptr,
     x_ptr,
@@ -225,7 +216,7 @@ def _attention_bwd_kernel(
     H,
     D,
     num_heads,
-    scale,
+    scale: tl.float64,
     rows_per_program,
     stride_xb,
     stride_xr,
@@ -245,16 +236,17 @@ def _attention_bwd_kernel(
 ):
     pid = tl.program_id(0)
     head = tl.program_id(1)
+    head_base = head.to(tl.int64) * D  # int64: huge strides must not wrap
     offs_d = tl.arange(0, BLOCK_D)
     first = pid.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, num_rows)
     if QUERY:  # the whole head is one tile (BLOCK_D >= D)
         d_in = offs_d < D
-        q = tl.load(query_ptr + head * D + offs_d, mask=d_in, other=0).to(ACC_DTYPE)
+        q = tl.load(query_ptr + head_base + offs_d, mask=d_in, other=0).to(ACC_DTYPE)
         dquery = tl.zeros([BLOCK_D], dtype=ACC_DTYPE)
     for r0 in range(first, last, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
-        seq, position, keep = row_sequence(
+        seq, position, _index, keep = row_sequence(
             rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN
         )
         keep = keep & (rows < last)
@@ -263,35 +255,38 @@ def _attention_bwd_kernel(
             keep = keep & (m != 0)
         seq64 = seq.to(tl.int64)
         x_rows = x_ptr + seq64 * stride_xb + position * stride_xr
-        g_rows = grad_ptr + seq64 * H + head * D
-        out_rows = out_ptr + seq64 * H + head * D
-        dx_rows = dx_ptr + rows * H + head * D
+        g_rows = grad_ptr + seq64 * H + head_base
+        out_rows = out_ptr + seq64 * H + head_base
+        dx_rows = dx_ptr + rows * H + head_base
         stats = stats_ptr + (seq * num_heads + head) * 2
         row_max = tl.load(stats, mask=keep, other=0)
         den = tl.load(stats + 1, mask=keep, other=0)
         if QUERY:
             tile_in = keep[:, None] & d_in[None, :]
-            x = tl.load(x_rows[:, None] + (head * D + offs_d)[None, :] * stride_xh, mask=tile_in, other=0)
+            x = tl.load(x_rows[:, None] + (head_base + offs_d)[None, :] * stride_xh, mask=tile_in, other=0)
             x = x.to(ACC_DTYPE)
             g = tl.load(g_rows[:, None] + offs_d[None, :], mask=tile_in, other=0)
             out = tl.load(out_rows[:, None] + offs_d[None, :], mask=tile_in, other=0)
-            s = tl.sum(x * q[None, :], 1) * scale
-            p = _softmax_weight(s, row_max, den, keep)
+            s = (tl.sum(x * q[None, :], 1) * scale).to(ACC_DTYPE)
+            p = softmax_weight(s, row_max, den, keep)
             ds = p * tl.sum(g * (x - out), 1)
-            dx = p[:, None] * g + (ds * scale)[:, None] * q[None, :]
+            ds_scaled = (ds * scale).to(ACC_DTYPE)
+            dx = p[:, None] * g + ds_scaled[:, None] * q[None, :]
             out_in = (rows < last)[:, None] & d_in[None, :]
             tl.store(dx_rows[:, None] + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_in)
-            dquery += tl.sum((ds * scale)[:, None] * x, 0)
+            dquery += tl.sum(ds_scaled[:, None] * x, 0)
         else:
             s = tl.load(
-                scores_ptr + seq64 * stride_sb + position * stride_sr + head * stride_sh, mask=keep, other=0
+                scores_ptr + seq64 * stride_sb + position * stride_sr + head.to(tl.int64) * stride_sh,
+                mask=keep,
+                other=0,
             )
-            p = _softmax_weight(s.to(ACC_DTYPE), row_max, den, keep)
+            p = softmax_weight(s.to(ACC_DTYPE), row_max, den, keep)
             g_dot_x_minus_out = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + offs_d
                 tile_in = keep[:, None] & (d < D)[None, :]
-                x = tl.load(x_rows[:, None] + (head * D + d)[None, :] * stride_xh, mask=tile_in, other=0)
+                x = tl.load(x_rows[:, None] + (head_base + d)[None, :] * stride_xh, mask=tile_in, other=0)
                 g = tl.load(g_rows[:, None] + d[None, :], mask=tile_in, other=0)
                 out = tl.load(out_rows[:, None] + d[None, :], mask=tile_in, other=0)
                 g_dot_x_minus_out += tl.sum(g * (x.to(ACC_DTYPE) - out), 1)
@@ -304,7 +299,7 @@ def _attention_bwd_kernel(
                 dscores_ptr + rows * num_heads + head, ds.to(dscores_ptr.dtype.element_ty), mask=rows < last
             )
     if QUERY:
-        tl.store(dquery_part_ptr + pid.to(tl.int64) * H + head * D + offs_d, dquery, mask=d_in)
+        tl.store(dquery_part_ptr + pid.to(tl.int64) * H + head_base + offs_d, dquery, mask=d_in)
 
 
 def _score_strides(scores, varlen):
@@ -312,13 +307,21 @@ def _score_strides(scores, varlen):
     return (0, *scores.stride()) if varlen else scores.stride()
 
 
+def _is_wide(head_dim: int, query: bool) -> bool:
+    """Query heads too wide for one tile take the kernels of wide_query.py."""
+    return query and triton.next_power_of_2(head_dim) > wide_query.QUERY_MAX_BLOCK_D
+
+
 def _blocks(head_dim: int, query: bool) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_R, num_warps): query mode holds the whole head in one tile."""
+    """(BLOCK_D, BLOCK_R, num_warps): query mode holds the whole head in one tile, unless it is wide."""
+    if _is_wide(head_dim, query):
+        return wide_query.WIDE_BLOCK_D, wide_query.WIDE_BLOCK_R, wide_query.WIDE_NUM_WARPS
     block_d = max(16, triton.next_power_of_2(head_dim)) if query else channel_block(head_dim)
     block_r = max(2, 4096 // block_d)
     return block_d, block_r, 8 if block_d * block_r > 4096 or block_d >= 2048 else 4
 
 
+@launches_on_input_device
 def attention_forward(
     x: torch.Tensor,
     scores: torch.Tensor | None,
@@ -342,7 +345,8 @@ def attention_forward(
     if num_seqs == 0 or hidden == 0:
         return out, stats.zero_()
     block_d, block_r, num_warps = _blocks(head_dim, is_query)
-    blocks_per_head = triton.cdiv(head_dim, block_d)
+    wide = _is_wide(head_dim, is_query)
+    blocks_per_head = 1 if wide else triton.cdiv(head_dim, block_d)  # wide: a program walks its head
     plan = plan_split(num_seqs, num_rows, longest, num_heads * blocks_per_head, block_r, x.device, cu_seqlens)
     parts = [
         torch.empty(plan.num_chunks if plan.split else 0, *shape, dtype=acc, device=x.device)
@@ -351,39 +355,54 @@ def attention_forward(
     mask_view, mask_strides = kernel_mask(mask)
     offsets = plan.chunk_offsets if plan.chunk_offsets is not None else stats  # unused when padded
     acc_dtype = accumulation_dtype(x.dtype)
-    _attention_fwd_kernel[(plan.num_chunks, num_heads * blocks_per_head)](
-        x,
-        scores if scores is not None else x,
-        query if is_query else x,
+    geometry_args = (num_seqs, seq_len, num_rows, hidden, head_dim, num_heads)
+    pointers = (
         mask_view if mask is not None else x,
         cu_seqlens if varlen else x,
         offsets,
         out,
         stats,
         *parts,
-        num_seqs,
-        seq_len,
-        num_rows,
-        hidden,
-        head_dim,
-        num_heads,
-        blocks_per_head,
-        scale,
-        *x_strides,
-        *(_score_strides(scores, varlen) if scores is not None else (0, 0, 0)),
-        *mask_strides,
-        plan.chunk_rows,
-        plan.splits,
-        plan.search_iters,
-        QUERY=is_query,
-        HAS_MASK=mask is not None,
-        VARLEN=varlen,
-        SPLIT=plan.split,
-        ACC_DTYPE=acc_dtype,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
     )
+    plan_args = (plan.chunk_rows, plan.splits, plan.search_iters)
+    flags = dict(HAS_MASK=mask is not None, VARLEN=varlen, SPLIT=plan.split, ACC_DTYPE=acc_dtype)
+    if wide:
+        wide_query.wide_query_fwd_kernel[(plan.num_chunks, num_heads)](
+            x,
+            query,
+            *pointers,
+            *geometry_args,
+            scale,
+            *x_strides,
+            *mask_strides,
+            *plan_args,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+            **flags,
+        )
+        # The combine takes the head in channel blocks, as in attention mode.
+        block_d, num_warps = channel_block(head_dim), 4
+        blocks_per_head = triton.cdiv(head_dim, block_d)
+    else:
+        _attention_fwd_kernel[(plan.num_chunks, num_heads * blocks_per_head)](
+            x,
+            scores if scores is not None else x,
+            query if is_query else x,
+            *pointers,
+            *geometry_args,
+            blocks_per_head,
+            scale,
+            *x_strides,
+            *(_score_strides(scores, varlen) if scores is not None else (0, 0, 0)),
+            *mask_strides,
+            *plan_args,
+            QUERY=is_query,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+            **flags,
+        )
     if plan.split:
         _attention_combine_kernel[(num_seqs, num_heads * blocks_per_head)](
             offsets,
@@ -413,6 +432,7 @@ def _rows_per_program(num_rows: int, num_heads: int, block_r: int, device: torch
     return max(4 * block_r, triton.cdiv(share, block_r) * block_r)
 
 
+@launches_on_input_device
 def attention_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -448,6 +468,36 @@ def attention_backward(
         dscores = torch.empty(scores.shape, dtype=scores.dtype, device=x.device)
         dquery_parts = stats  # unused
     mask_view, mask_strides = kernel_mask(mask)
+    if _is_wide(head_dim, is_query):
+        wide_query.wide_query_bwd_kernel[(num_programs, num_heads)](
+            grad_out,
+            x,
+            query,
+            mask_view if mask is not None else x,
+            cu_seqlens if varlen else x,
+            stats,
+            out,
+            dx,
+            dquery_parts,
+            num_seqs,
+            seq_len,
+            num_rows,
+            hidden,
+            head_dim,
+            num_heads,
+            scale,
+            rows_per_program,
+            *x_strides,
+            *mask_strides,
+            search_iters(num_seqs),
+            HAS_MASK=mask is not None,
+            VARLEN=varlen,
+            ACC_DTYPE=accumulation_dtype(out.dtype),
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+        return dx, dquery_parts.sum(0).view(query.shape).to(query.dtype)
     _attention_bwd_kernel[(num_programs, num_heads)](
         grad_out,
         x,

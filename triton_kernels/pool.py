@@ -9,8 +9,9 @@ long sequences write float32 partials that `_pool_combine_kernel` folds in chunk
 Backward: a program writes a (BLOCK_R, BLOCK_H) tile of dx, every row exactly once:
 mean: dx = w * g / sum(w); max: dx = g where the row is the saved argmax, else 0.
 
-Saved for backward: sum(w) per sequence (mean) and the int32 argmax row per (sequence, channel)
-(max: a row is the position l padded, the token t varlen; -1 for an empty sequence).
+Saved for backward: sum(w) per sequence (mean) and the int32 argmax per (sequence, channel) (max:
+the index of the winning token within its sequence, l padded, t - start varlen, so it fits int32
+whatever T is; -1 for an empty sequence).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .segments import (
     channel_block,
     geometry,
     kernel_mask,
+    launches_on_input_device,
     plan_split,
     program_chunk,
     row_sequence,
@@ -47,6 +49,7 @@ def _reduce_chunk(
     x_ptr,
     mask_ptr,
     seq,
+    start,
     first,
     last,
     offs_h,
@@ -64,9 +67,11 @@ def _reduce_chunk(
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Rows [first, last) of sequence `seq`: (weighted sum, sum of weights, max, argmax row)."""
+    """Rows [first, last) of sequence `seq`, which starts at row `start`: (weighted sum, sum of
+    weights, max, argmax as an index within the sequence)."""
     x_seq = x_ptr + seq.to(tl.int64) * stride_xb
     m_seq = mask_ptr + seq.to(tl.int64) * stride_mb
+    h_offsets = offs_h.to(tl.int64)[None, :] * stride_xh  # int64: huge strides must not wrap
     total = tl.zeros([BLOCK_R, BLOCK_H], dtype=ACC_DTYPE)
     weight = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
     best = tl.full([BLOCK_R, BLOCK_H], float("-inf"), dtype=ACC_DTYPE)
@@ -81,13 +86,13 @@ def _reduce_chunk(
         else:
             w = keep.to(ACC_DTYPE)
         tile_in = keep[:, None] & h_in[None, :]
-        ptrs = x_seq + rows[:, None] * stride_xr + offs_h[None, :] * stride_xh
-        v = tl.load(ptrs, mask=tile_in, other=0).to(ACC_DTYPE)
+        v = tl.load(x_seq + rows[:, None] * stride_xr + h_offsets, mask=tile_in, other=0).to(ACC_DTYPE)
         if MEAN:
             total += v * w[:, None] if WEIGHTED else v
             weight += w
         if MAX:
-            best, best_row = _take_max(best, best_row, v, rows.to(tl.int32)[:, None], tile_in)
+            index = (rows - start).to(tl.int32)
+            best, best_row = _take_max(best, best_row, v, index[:, None], tile_in)
     # Fold the BLOCK_R slots; slots saw their rows in increasing order, so the first maximal row
     # of a slot is its own; across slots take the smallest row (NaN first).
     slot_nan = (best != best) & (best_row >= 0)
@@ -176,7 +181,7 @@ def _pool_fwd_kernel(
     h_block = tl.program_id(1)
     offs_h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
     h_in = offs_h < H
-    seq, first, last = program_chunk(
+    seq, start, first, last = program_chunk(
         pid,
         chunk_offsets_ptr,
         cu_seqlens_ptr,
@@ -193,6 +198,7 @@ def _pool_fwd_kernel(
         x_ptr,
         mask_ptr,
         seq,
+        start,
         first,
         last,
         offs_h,
@@ -326,7 +332,7 @@ def _pool_bwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_in = offs_h < H
-    seq, position, keep = row_sequence(
+    seq, position, index, keep = row_sequence(
         rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN
     )
     if HAS_MASK:
@@ -343,7 +349,7 @@ def _pool_bwd_kernel(
     if MAX:
         col = H if MEAN else 0
         winner = tl.load(argmax_ptr + seq.to(tl.int64)[:, None] * H + offs_h[None, :], mask=tile_in, other=-1)
-        is_winner = tile_in & (winner == position.to(tl.int32)[:, None])
+        is_winner = tile_in & (winner == index.to(tl.int32)[:, None])
         dx += tl.load(g_row + col, mask=is_winner, other=0).to(ACC_DTYPE)
     out_in = (rows < num_rows)[:, None] & h_in[None, :]
     tl.store(dx_ptr + rows[:, None] * H + offs_h[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_in)
@@ -358,6 +364,7 @@ def _rows_per_tile(block_h: int) -> int:
     return max(1, 4096 // block_h)
 
 
+@launches_on_input_device
 def pool_forward(
     x: torch.Tensor,
     mask: torch.Tensor | None,
@@ -443,6 +450,7 @@ def pool_forward(
     return out, den, argmax
 
 
+@launches_on_input_device
 def pool_backward(
     grad_out: torch.Tensor,
     mask: torch.Tensor | None,

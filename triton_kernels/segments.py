@@ -15,6 +15,8 @@ order by a second kernel, so the result does not depend on scheduling.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import NamedTuple
 
@@ -70,7 +72,7 @@ def program_chunk(
     VARLEN: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    """(sequence, first row, end row) of the chunk that program `pid` reduces.
+    """(sequence, its first row, first row, end row) of the chunk that program `pid` reduces.
 
     Without SPLIT a program takes a whole sequence. Varlen programs past the last chunk get an
     empty range (the grid is an upper bound on the chunk count).
@@ -90,8 +92,9 @@ def program_chunk(
         last = tl.where(in_range, last, first)
     else:
         seq = pid
-        first, last = sequence_rows(seq, cu_seqlens_ptr, seq_len, num_rows, VARLEN)
-    return seq, first, last
+        start, last = sequence_rows(seq, cu_seqlens_ptr, seq_len, num_rows, VARLEN)
+        first = start
+    return seq, start, first, last
 
 
 @triton.jit
@@ -108,8 +111,9 @@ def sequence_chunks(seq, chunk_offsets_ptr, splits, num_chunks, VARLEN: tl.const
 
 @triton.jit
 def row_sequence(rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN: tl.constexpr):
-    """For a vector of global rows (int64): the sequence of each row, its position (what the forward
-    calls a row: l for padded, t for varlen) and whether the row belongs to its sequence at all."""
+    """For a vector of global rows (int64): the sequence of each row, its row as the forward
+    addresses it (l padded, t varlen), its index within the sequence (l padded, t - start varlen)
+    and whether the row belongs to its sequence at all."""
     if VARLEN:
         seq = last_at_or_below(cu_seqlens_ptr, num_seqs, rows, search_iters)
         start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -117,12 +121,14 @@ def row_sequence(rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters
         start = tl.minimum(tl.maximum(start, 0), num_rows)
         end = tl.minimum(tl.maximum(end, start), num_rows)
         position = rows
+        index = rows - start
         inside = (rows >= start) & (rows < end)
     else:
         seq = (rows // seq_len).to(tl.int32)
         position = rows % seq_len
+        index = position
         inside = rows < num_rows
-    return seq, position, inside
+    return seq, position, index, inside
 
 
 @triton.jit
@@ -151,6 +157,20 @@ class SplitPlan(NamedTuple):
     num_chunks: int  # programs along the sequence axis (varlen: an upper bound)
     chunk_offsets: torch.Tensor | None  # varlen: (B + 1,) int32 prefix sums of chunks per sequence
     search_iters: int  # binary-search steps over B sequences
+
+
+def launches_on_input_device(launcher):
+    """Runs `launcher` with its first tensor argument's GPU as the current device, so that its
+    kernels go there and not to torch's current device (a model spread over GPUs)."""
+
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        guard = torch.cuda.device(first.device) if first.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launcher(*args, **kwargs)
+
+    return guarded
 
 
 def search_iters(num_seqs: int) -> int:
@@ -212,10 +232,16 @@ def geometry(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int |
 
 
 def kernel_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, int]]:
-    """The mask as the kernels read it (bool viewed as uint8, no copy) and its (B, L) strides."""
+    """The mask as the kernels read it (bool viewed as uint8, no copy) and its (B, L) strides.
+
+    A varlen mask (per-token weights (T,)) gets strides (0, stride): the kernels address the mask at
+    seq * stride_b + row * stride_row, and a varlen row is the global token t, so they read w[t].
+    """
     if mask is None:
         return None, (0, 0)
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    if mask.dim() == 1:
+        return mask, (0, mask.stride(0))
     return mask, mask.stride()
 
 

@@ -28,9 +28,17 @@ def _require_same_device(name: str, t: Tensor, x: Tensor) -> None:
 
 
 def check_pool_inputs(
-    x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, max_seqlen: int | None
+    x: Tensor,
+    mask: Tensor | None,
+    cu_seqlens: Tensor | None,
+    max_seqlen: int | None,
+    varlen_weights: bool = False,
 ) -> Tensor:
-    """Checks x / mask / cu_seqlens / max_seqlen and returns x as (B, L, H) padded or (T, H) varlen."""
+    """Checks x / mask / cu_seqlens / max_seqlen and returns x as (B, L, H) padded or (T, H) varlen.
+
+    varlen_weights: with cu_seqlens, accept a floating (T,) mask of per-token weights (masked_mean);
+    otherwise the mask must be None there.
+    """
     _require_tensor("x", x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got dtype {x.dtype}")
@@ -58,7 +66,7 @@ def check_pool_inputs(
         return x
 
     _require_tensor("cu_seqlens", cu_seqlens)
-    if mask is not None:
+    if mask is not None and not varlen_weights:
         raise ValueError("mask must be None when cu_seqlens is given (varlen input has no padding)")
     if cu_seqlens.dtype not in INDEX_DTYPES:
         raise TypeError(f"cu_seqlens must be int32 or int64, got dtype {cu_seqlens.dtype}")
@@ -69,7 +77,23 @@ def check_pool_inputs(
         x = x[0]  # HF's flattening collator gives (1, T, H)
     if x.dim() != 2:
         raise ValueError(f"x must be (T, H) or (1, T, H) when cu_seqlens is given, got shape {_shape(x)}")
+    if mask is not None:
+        _check_varlen_weights(mask, x)
     return x
+
+
+def _check_varlen_weights(weights: Tensor, x: Tensor) -> None:
+    """masked_mean's varlen mask: per-token floating weights (T,) for x (T, H)."""
+    _require_tensor("mask", weights)
+    expected = "mask must be None when cu_seqlens is given (varlen input has no padding) or, for masked_mean,"
+    if not weights.is_floating_point():
+        raise TypeError(f"{expected} floating per-token weights (T,); got dtype {weights.dtype}")
+    if weights.dim() != 1 or weights.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{expected} per-token weights of shape (T,) = ({x.shape[0]},) matching x {_shape(x)}; "
+            f"got shape {_shape(weights)}"
+        )
+    _require_same_device("mask", weights, x)
 
 
 def check_scores(scores: Tensor, x: Tensor, varlen: bool) -> int:

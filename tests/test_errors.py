@@ -25,7 +25,7 @@ BAD_POOL_CALLS = [
     ((x3, torch.ones(5, 2)), {}, ValueError, r"mask must be \(B, L\)"),
     ((x3, torch.ones(2, 5, dtype=torch.complex64)), {}, TypeError, "mask must be bool, integer or floating"),
     ((x3, torch.ones(2, 5, device="meta")), {}, ValueError, "mask is on meta but x is on cpu"),
-    ((x2, torch.ones(7)), {"cu_seqlens": cu}, ValueError, "mask must be None when cu_seqlens is given"),
+    ((x2, torch.ones(1, 7)), {"cu_seqlens": cu}, ValueError, "mask must be None when cu_seqlens is given"),
     (
         (x2,),
         {"cu_seqlens": cu.float()},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from helpers import FUSED, assert_close, cu_seqlens_of, make_generator
@@ -165,3 +167,149 @@ def test_concat_layers_pool():
 
 def test_modules_reachable_from_the_package():
     assert fused_pool.nn.MeanPool is fnn.MeanPool and fused_pool.nn.Pooling is fnn.Pooling
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("max_seqlen", [None, 3])
+def test_varlen_weights_mean(backend, device, max_seqlen):
+    """masked_mean's varlen (T,) weights, forward and backward, against the reference and by hand."""
+    gen = make_generator(6)
+    # A 300-token sequence: the Triton kernel splits it across programs (no max_seqlen hint).
+    lengths = [4, 0, 1, 300, 3] if max_seqlen is None else [3, 0, 1, 2]
+    tokens = torch.randn(sum(lengths), 12, generator=gen).to(device)
+    weights = (torch.rand(sum(lengths), generator=gen) * 1.75 + 0.25).to(device)
+    weights[-1] = 0  # a zero weight drops its token
+    cu_seqlens = cu_seqlens_of(lengths, device=device)
+    grad = torch.randn(len(lengths), 12, generator=gen).to(device)
+    leaves = [tokens.clone().requires_grad_() for _ in range(2)]
+    out = fnn.MeanPool(backend=backend)(leaves[0], weights, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    expected = reference.masked_mean(leaves[1], weights, cu_seqlens=cu_seqlens)
+    assert_close(out, expected)
+    (dx,) = torch.autograd.grad(out, leaves[0], grad)
+    (dx_expected,) = torch.autograd.grad(expected, leaves[1], grad)
+    assert_close(dx, dx_expected)
+    starts = [0, *itertools.accumulate(lengths)]
+    by_hand = torch.stack(
+        [
+            (tokens[a:b] * weights[a:b, None]).sum(0) / weights[a:b].sum() if b > a else tokens.new_zeros(12)
+            for a, b in zip(starts[:-1], starts[1:], strict=True)
+        ]
+    )
+    assert_close(expected, by_hand)
+    assert_close(
+        fused_pool.masked_mean(tokens[None], weights, cu_seqlens=cu_seqlens, backend=backend), by_hand
+    )
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_varlen_weights_only_for_mean(backend, device):
+    tokens, cu_seqlens = torch.randn(5, 4, device=device), cu_seqlens_of([2, 3], device=device)
+    for fn in (fused_pool.masked_max, fused_pool.masked_mean_max):
+        with pytest.raises(ValueError, match="mask must be None when cu_seqlens is given"):
+            fn(tokens, torch.ones(5, device=device), cu_seqlens=cu_seqlens, backend=backend)
+    with pytest.raises(TypeError, match=r"or, for masked_mean, floating per-token weights \(T,\); got dtype"):
+        fused_pool.masked_mean(tokens, torch.ones(5, dtype=torch.bool, device=device), cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match=r"per-token weights of shape \(T,\) = \(5,\) matching x \(5, 4\)"):
+        fused_pool.masked_mean(tokens, torch.ones(1, 5, device=device), cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+def test_weighted_mean_pool(backend, device, left):
+    """Weights 1, 2, ..., n from each sequence's first kept token (sentence-transformers' weightedmean)."""
+    x, mask = padded_inputs(device, left=left, seed=7)
+    out = fnn.WeightedMeanPool(backend=backend)(x, mask)
+    for b in range(x.shape[0]):
+        kept = mask[b].nonzero().flatten()
+        if not len(kept):
+            assert not out[b].any()
+            continue
+        weights = torch.arange(1.0, len(kept) + 1, device=device)
+        assert_close(out[b], (x[b, kept] * weights[:, None]).sum(0) / weights.sum())
+    tokens, cu_seqlens = x[0], cu_seqlens_of([2, 0, 7], device=device)
+    varlen = fnn.WeightedMeanPool(backend=backend)(tokens, cu_seqlens=cu_seqlens)
+    weights = torch.tensor([1.0, 2, 1, 2, 3, 4, 5, 6, 7], device=device)
+    by_hand = torch.stack(
+        [
+            (tokens[:2] * weights[:2, None]).sum(0) / 3,
+            tokens.new_zeros(12),
+            (tokens[2:] * weights[2:, None]).sum(0) / 28,
+        ]
+    )
+    assert_close(varlen, by_hand)
+    pool = fnn.WeightedMeanPool(backend=backend)
+    assert_close(pool(x), pool(x, torch.ones_like(mask)))  # no mask: every token kept
+
+
+def test_dense_pooler():
+    torch.manual_seed(0)
+    x, mask = padded_inputs("cpu", left=True, seed=8)
+    pooler = fnn.DensePooler(12)
+    cls = fnn.CLSPool()(x, mask)
+    assert torch.equal(pooler(x, mask), torch.tanh(pooler.dense(cls)))
+    on_mean = fnn.DensePooler(12, activation="gelu", base=fnn.MeanPool(backend="torch"))
+    expected = torch.nn.functional.gelu(on_mean.dense(reference.masked_mean(x, mask)))
+    assert_close(on_mean(x, mask), expected)
+    assert on_mean.output_size(12) == 12 and not on_mean.takes_layers
+    assert fnn.DensePooler(12, activation=torch.nn.Softsign()).activation_name is None
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fnn.DensePooler(12, activation="swish")
+    with pytest.raises(TypeError, match="activation must be a str or an nn.Module"):
+        fnn.DensePooler(12, activation=3)
+    with pytest.raises(ValueError, match="DensePooler's base MeanMaxPool gives 24 features per sequence"):
+        fnn.DensePooler(12, base=fnn.MeanMaxPool()).output_size(12)
+    with pytest.raises(ValueError, match="DensePooler was built for hidden_size = 12"):
+        fnn.DensePooler(12).output_size(16)
+    layered = fnn.DensePooler(8, base=fnn.WeightedLayerPool(num_layers=6, layer_start=2))
+    assert layered.takes_layers
+    layers = layers_of("cpu")
+    assert_close(layered(layers), torch.tanh(layered.dense(layered.base(layers))))
+
+
+def test_lstm_pool():
+    torch.manual_seed(0)
+    layers, mask = layers_of("cpu"), torch.rand(3, 5, generator=make_generator(9)) > 0.3
+    mask[:, 0] = True
+    module = fnn.LSTMPool(8, 6, layer_start=2, base=fnn.MeanPool(backend="torch"))
+    rows = torch.stack([reference.masked_mean(layer, mask) for layer in layers[2:]], dim=1)
+    expected = module.lstm(rows)[0][:, -1]
+    out = module(layers, mask)
+    assert out.shape == (3, 6) and module.takes_layers and module.output_size(8) == 6
+    assert_close(out, expected)
+    # By hand: the last step of a one-layer LSTM run over the 5 pooled layers.
+    lstm, (h, c) = module.lstm, (torch.zeros(3, 6), torch.zeros(3, 6))
+    for t in range(rows.shape[1]):
+        gates = rows[:, t] @ lstm.weight_ih_l0.T + lstm.bias_ih_l0 + h @ lstm.weight_hh_l0.T + lstm.bias_hh_l0
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h = o.sigmoid() * c.tanh()
+    assert_close(out, h)
+    out.sum().backward()
+    assert all(p.grad is not None for p in module.lstm.parameters())
+    default = fnn.LSTMPool(8, 4)  # CLS of every layer but the embeddings
+    tokens = [layer[0] for layer in layers]
+    varlen = default(tokens, cu_seqlens=cu_seqlens_of([2, 3]))
+    cls_rows = torch.stack([layer[[0, 2]] for layer in tokens[1:]], dim=1)
+    assert_close(varlen, default.lstm(cls_rows)[0][:, -1])
+    with pytest.raises(ValueError, match="LSTMPool needs a sequence of at least 3 layer outputs"):
+        module(layers[:2], mask)
+    with pytest.raises(ValueError, match="LSTMPool was built for hidden_size = 8, but its base gives 16"):
+        fnn.LSTMPool(8, 4, base=fnn.MeanMaxPool())(layers, mask)
+    with pytest.raises(ValueError, match="layer_start must be >= 0"):
+        fnn.LSTMPool(8, 4, layer_start=-1)
+
+
+def test_output_sizes_and_layer_flags():
+    assert [m.output_size(12) for m in (fnn.MeanPool(), fnn.MaxPool(), fnn.MeanMaxPool(), fnn.CLSPool())] == [
+        12,
+        12,
+        24,
+        12,
+    ]
+    assert fnn.ConcatLayersPool(3, base=fnn.MeanMaxPool()).output_size(12) == 72
+    assert fnn.WeightedLayerPool(6).output_size(12) == 12 and fnn.WeightedLayerPool(6).takes_layers
+    assert fnn.AttentionPool(12).output_size(12) == 12 and not fnn.AttentionPool(12).takes_layers
+    with pytest.raises(
+        ValueError, match="AttentionPool was built for hidden_size = 12, but the hidden states have 8"
+    ):
+        fnn.AttentionPool(12).output_size(8)

@@ -252,3 +252,37 @@ def test_patched_model_saves_loadable_without_fused_pool(model_path, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     reloaded = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pickle_round_trips():
+    import pickle
+
+    features = padded_features(9)
+    for module in (Pooling(16, ("mean", "max")), FusedPooling(16, "weightedmean", include_prompt=False)):
+        module.eval()
+        restored = pickle.loads(pickle.dumps(module))
+        assert type(restored) is type(module) and not restored.training
+        assert restored.get_config_dict() == module.get_config_dict()
+        torch.testing.assert_close(
+            restored(copy_features(features))["sentence_embedding"],
+            module(copy_features(features))["sentence_embedding"],
+        )
+    assert isinstance(pickle.loads(pickle.dumps(FusedPooling(16))), STPooling)
+
+
+def test_nn_never_imports_integrations():
+    """No import cycle: fused_pool.nn never imports fused_pool.integrations (which imports nn)."""
+    import ast
+
+    import fused_pool.nn
+
+    folder = os.path.dirname(fused_pool.nn.__file__)
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name)) as handle:
+                tree = ast.parse(handle.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    assert "integrations" not in (node.module or ""), f"{name} imports {node.module}"
+                elif isinstance(node, ast.Import):
+                    assert not any("integrations" in alias.name for alias in node.names), name

@@ -27,10 +27,20 @@ __all__ = ["FusedPooling", "patch"]
 class FusedPooling(Pooling, _SentenceTransformersPooling):
     """fused_pool.nn.Pooling, also an instance of sentence-transformers' Pooling."""
 
+    def __reduce__(self):
+        # The class presents sentence-transformers' module path (below): pickle through this module.
+        return _restore, (self.get_config_dict(), self.backend, self.training)
+
 
 # Recorded in modules.json as sentence-transformers' own Pooling (see fused_pool.nn.sentence_pooling).
 FusedPooling.__module__ = Pooling.__module__
 FusedPooling.__name__ = FusedPooling.__qualname__ = "Pooling"
+
+
+def _restore(config: dict, backend: str | None, training: bool) -> FusedPooling:
+    module = FusedPooling(**config, backend=backend)
+    module.train(training)
+    return module
 
 
 def patch(model: nn.Module, backend: str | None = None) -> nn.Module:

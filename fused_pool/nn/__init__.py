@@ -4,24 +4,39 @@
 |---|---|
 | MeanPool, MaxPool, MeanMaxPool | (B, H), (B, H), (B, 2H) |
 | CLSPool, LastTokenPool | (B, H): first / last kept token (left or right padding, varlen) |
+| WeightedMeanPool | (B, H): position-weighted mean (sentence-transformers' weightedmean) |
 | AttentionPool(hidden_size, num_heads=1, scorer="query" or "mlp", mlp_hidden=512) | (B, H) |
+| DensePooler(hidden_size, activation="tanh", base=CLSPool()) | (B, H): BERT's pooler, on any model |
 | WeightedLayerPool(num_layers, layer_start=4, base=MeanPool()) | base over learned layer weights |
 | ConcatLayersPool(num_layers=4, base=MeanPool()) | cat of base over the last layers |
+| LSTMPool(hidden_size, lstm_hidden_size, layer_start=1, base=CLSPool()) | (B, lstm_hidden_size) |
 | Pooling | drop-in for sentence-transformers' Pooling |
 """
 
-from .layers import ConcatLayersPool, WeightedLayerPool
-from .pools import AttentionPool, CLSPool, LastTokenPool, MaxPool, MeanMaxPool, MeanPool
+from .layers import ConcatLayersPool, LSTMPool, WeightedLayerPool
+from .pools import (
+    AttentionPool,
+    CLSPool,
+    DensePooler,
+    LastTokenPool,
+    MaxPool,
+    MeanMaxPool,
+    MeanPool,
+    WeightedMeanPool,
+)
 from .sentence_pooling import Pooling
 
 __all__ = [
     "AttentionPool",
     "CLSPool",
     "ConcatLayersPool",
+    "DensePooler",
+    "LSTMPool",
     "LastTokenPool",
     "MaxPool",
     "MeanMaxPool",
     "MeanPool",
     "Pooling",
     "WeightedLayerPool",
+    "WeightedMeanPool",
 ]

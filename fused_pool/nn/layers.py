@@ -1,7 +1,8 @@
 """Poolings over several hidden layers (a model's output_hidden_states), on top of a base pooling.
 
-Both take `hidden_states` as the sequence of layer outputs (embeddings first, as Hugging Face
-returns them), each (B, L, H) or varlen (T, H), and never stack the layers into one tensor.
+Each takes `hidden_states` as the sequence of layer outputs (embeddings first, as Hugging Face
+returns them), each (B, L, H) or varlen (T, H), and never stacks the layers' hidden states into one
+tensor (LSTMPool stacks the pooled (B, H) rows, nothing larger).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .pools import MeanPool
+from .pools import CLSPool, MeanPool, base_output_size
 
-__all__ = ["ConcatLayersPool", "WeightedLayerPool"]
+__all__ = ["ConcatLayersPool", "LSTMPool", "WeightedLayerPool"]
 
 
 def _require_layers(hidden_states: Sequence[Tensor], needed: int, name: str) -> None:
@@ -33,6 +34,8 @@ class WeightedLayerPool(nn.Module):
 
     num_layers: the model's number of layers (hidden_states then holds num_layers + 1 tensors).
     """
+
+    takes_layers = True
 
     def __init__(
         self,
@@ -69,6 +72,9 @@ class WeightedLayerPool(nn.Module):
             out = self.base(mixed, attention_mask, **kwargs)
         return out.to(layers[0].dtype)
 
+    def output_size(self, hidden_size: int) -> int:
+        return base_output_size(self.base, hidden_size)
+
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, layer_start={self.layer_start}"
 
@@ -77,6 +83,8 @@ class ConcatLayersPool(nn.Module):
     """cat(base(h_-1), base(h_-2), ..., base(h_-k)): the base pooling of each of the last k layers,
     last layer first -> (B, k * H_base). (For channel-wise bases such as mean and max this equals
     pooling the concatenated layers, without building them.)"""
+
+    takes_layers = True
 
     def __init__(self, num_layers: int = 4, base: nn.Module | None = None) -> None:
         super().__init__()
@@ -93,5 +101,55 @@ class ConcatLayersPool(nn.Module):
             -1,
         )
 
+    def output_size(self, hidden_size: int) -> int:
+        return self.num_layers * base_output_size(self.base, hidden_size)
+
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}"
+
+
+class LSTMPool(nn.Module):
+    """LSTM pooling: each layer from `layer_start` on is pooled by `base` (default CLSPool()), the
+    pooled rows run through `self.lstm` (nn.LSTM(hidden_size, lstm_hidden_size, batch_first=True))
+    as a sequence over layers, and the LSTM's last output is the result -> (B, lstm_hidden_size).
+
+    The "LSTM pooling" of Kaggle solutions: layer_start=1 skips the embeddings.
+    """
+
+    takes_layers = True
+
+    def __init__(
+        self, hidden_size: int, lstm_hidden_size: int, layer_start: int = 1, base: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        if layer_start < 0:
+            raise ValueError(f"layer_start must be >= 0, got {layer_start}")
+        self.hidden_size, self.lstm_hidden_size, self.layer_start = hidden_size, lstm_hidden_size, layer_start
+        self.base = base if base is not None else CLSPool()
+        self.lstm = nn.LSTM(hidden_size, lstm_hidden_size, batch_first=True)
+
+    def forward(self, hidden_states, attention_mask=None, *, cu_seqlens=None, max_seqlen=None) -> Tensor:
+        _require_layers(hidden_states, self.layer_start + 1, type(self).__name__)
+        kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        pooled = [self.base(layer, attention_mask, **kwargs) for layer in hidden_states[self.layer_start :]]
+        sequence = torch.stack(pooled, dim=1)  # (B, layers, H)
+        if sequence.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"LSTMPool was built for hidden_size = {self.hidden_size}, but its base gives "
+                f"{sequence.shape[-1]} features per layer"
+            )
+        output, _ = self.lstm(sequence.to(self.lstm.weight_ih_l0.dtype))
+        return output[:, -1]
+
+    def output_size(self, hidden_size: int) -> int:
+        base_size = base_output_size(self.base, hidden_size)
+        if base_size != self.hidden_size:
+            raise ValueError(
+                f"LSTMPool was built for hidden_size = {self.hidden_size}, but its base "
+                f"{type(self.base).__name__} gives {base_size} features per layer on hidden size "
+                f"{hidden_size}"
+            )
+        return self.lstm_hidden_size
+
+    def extra_repr(self) -> str:
+        return f"layer_start={self.layer_start}"

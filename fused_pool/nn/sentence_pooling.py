@@ -15,7 +15,8 @@ Deviations from sentence-transformers (every other result matches: float32 withi
 
 No sentence-transformers import is needed to use it. Saved models record sentence-transformers'
 own class (`sentence_transformers.models.Pooling`) and config schema, so they load with or
-without fused_pool (as sentence-transformers' Pooling without it).
+without fused_pool (as sentence-transformers' Pooling without it). Nothing here imports
+fused_pool.integrations: the sentence-transformers subclass and swap live there.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..padding import segment_bounds
-from .pools import select_token
+from .pools import position_weights, select_token
 
 __all__ = ["POOLING_MODES", "Pooling"]
 
@@ -159,8 +160,10 @@ class Pooling(nn.Module):
         return f"Pooling({self.get_config_dict()})"
 
     def __reduce__(self):
-        # The class presents sentence-transformers' module path (below), so pickle by this one.
-        return _restore, (type(self) is not Pooling, self.get_config_dict(), self.backend, self.training)
+        # Pooling presents sentence-transformers' module path (below), so it pickles through _restore;
+        # a subclass defined elsewhere is pickled by reference to its own class.
+        cls = None if type(self) is Pooling else type(self)
+        return _restore, (cls, self.get_config_dict(), self.backend, self.training)
 
     # The v5 attribute names, read-only.
     word_embedding_dimension = property(lambda self: self.embedding_dimension)
@@ -217,7 +220,7 @@ class Pooling(nn.Module):
         if prompt_length:
             tokens, cu_seqlens = _drop_prompt_tokens(tokens, cu_seqlens, prompt_length)
         varlen = dict(cu_seqlens=cu_seqlens, backend=self.backend)
-        if "mean_sqrt_len_tokens" in self.modes or "weightedmean" in self.modes:  # they need lengths
+        if "mean_sqrt_len_tokens" in self.modes:  # it needs the lengths
             starts, ends = segment_bounds(cu_seqlens, tokens.shape[0])
             lengths = (ends - starts).unsqueeze(1).to(torch.float32)
         mean = None
@@ -237,16 +240,10 @@ class Pooling(nn.Module):
                     mean if mode == "mean" else _rescale_mean(mode, mean, lengths, None, tokens.dtype)
                 )
             elif mode == "weightedmean":
-                # weights 1..n within each sequence: sum(w x) / sum(w), sum(w) = n (n + 1) / 2 (minus
-                # the prompt's share, whose tokens were dropped but keep their positions).
-                offset = float(prompt_length or 0)
-                token_ids = torch.arange(tokens.shape[0], device=tokens.device)
-                sequence = torch.searchsorted(ends, token_ids, right=True).clamp(max=max(len(ends) - 1, 0))
-                weights = (token_ids - starts[sequence] + 1 + offset).unsqueeze(1).to(torch.float32)
-                weighted = F.masked_mean(tokens.float() * weights, **varlen)  # float32, as theirs
-                weight_sum = lengths * (lengths + 1) / 2 + lengths * offset
-                weighted = torch.where(weight_sum > 0, weighted * lengths / weight_sum.clamp(min=1e-9), 0)
-                vectors.append(weighted.to(tokens.dtype))
+                # Weights 1..n within each sequence (the dropped prompt's tokens keep their positions),
+                # (T,) per-token weights to the fused mean: sum(w x) / sum(w), no (T, H) temporary.
+                weights = position_weights(tokens, None, cu_seqlens, offset=prompt_length or 0)
+                vectors.append(F.masked_mean(tokens, weights, **varlen))
         return vectors
 
 
@@ -257,14 +254,8 @@ class Pooling(nn.Module):
 Pooling.__module__ = "sentence_transformers.models.Pooling"
 
 
-def _restore(
-    sentence_transformers_subclass: bool, config: dict, backend: str | None, training: bool
-) -> Pooling:
-    if sentence_transformers_subclass:
-        from ..integrations.sentence_transformers import FusedPooling as cls
-    else:
-        cls = Pooling
-    module = cls(**config, backend=backend)
+def _restore(cls: type[Pooling] | None, config: dict, backend: str | None, training: bool) -> Pooling:
+    module = (cls or Pooling)(**config, backend=backend)
     module.train(training)
     return module
 

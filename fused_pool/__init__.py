@@ -1,9 +1,17 @@
 """fused_pool: fused kernels that pool transformer hidden states into one vector per sequence."""
 
-from . import nn
+from . import nn, reference
 from ._checks import validate_cu_seqlens
 from .backends import available_backends
-from .functional import attention_pool, masked_max, masked_mean, masked_mean_max, query_attention_pool
+from .functional import (
+    attention_pool,
+    first_token,
+    last_token,
+    masked_max,
+    masked_mean,
+    masked_mean_max,
+    query_attention_pool,
+)
 from .padding import Unpadded, cu_seqlens_from_mask, cu_seqlens_from_position_ids, pad, unpad
 
 __version__ = "0.1.0"
@@ -14,12 +22,15 @@ __all__ = [
     "available_backends",
     "cu_seqlens_from_mask",
     "cu_seqlens_from_position_ids",
+    "first_token",
+    "last_token",
     "masked_max",
     "masked_mean",
     "masked_mean_max",
     "nn",
     "pad",
     "query_attention_pool",
+    "reference",
     "unpad",
     "validate_cu_seqlens",
 ]

@@ -3,10 +3,12 @@
 - "triton": the Triton kernels; CUDA tensors on a GPU, or CPU tensors through Triton's
   interpreter when TRITON_INTERPRET=1 (how CI runs them).
 - "cuda" / "cpu": the C++/CUDA extension `fused_pool._C`, on CUDA / CPU tensors.
-- "torch": the plain PyTorch reference (`fused_pool.reference`); runs everywhere.
+- "torch": plain PyTorch kernels with the fused backends' contract (`fused_pool.torch_kernels`);
+  runs everywhere. (`fused_pool.reference` stays the oracle the tests compare against.)
 
 Default (backend=None and no FUSED_POOL_BACKEND): Triton for CUDA tensors when it imports, else
-the CUDA extension; the CPU extension for CPU tensors; the reference where nothing else can run.
+the CUDA extension; the CPU extension for CPU tensors; "torch" where nothing else can run.
+The kernels each backend runs for each op kind are listed in fused_pool.specs.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""Public pooling functions: check the arguments, pick a backend, run it.
+"""Public pooling functions: check the arguments, pick a backend, run it through the one
+dispatch point (fused_pool.ops.run), whatever the backend ("torch" included). first_token /
+last_token (a gather on every backend) live in fused_pool.tokens.
 
 Shapes: padded x (B, L, H) with an optional (B, L) mask (bool / integer: keep where nonzero;
 floating: per-token weights for masked_mean, keep where nonzero elsewhere); varlen x (T, H) or
-(1, T, H) with cu_seqlens (B + 1,) int32/int64 and no mask. Every op returns (B, H) (mean_max:
-(B, 2H)), contiguous, in x's dtype. A sequence with no kept token pools to 0 with zero gradients.
+(1, T, H) with cu_seqlens (B + 1,) int32/int64 and no mask (masked_mean alone takes per-token
+weights (T,) there). Every op returns (B, H) (mean_max: (B, 2H)), contiguous, in x's dtype. A
+sequence with no kept token pools to 0 with zero gradients.
 
 Attention pooling takes scores (B, L) / (T,) for one head or (B, L, nh) / (T, nh) for nh heads
 (head k pools channels [k H/nh, (k+1) H/nh)), or a learned query (H,) / (nh, H/nh) whose scores
@@ -14,20 +17,26 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import reference
 from ._checks import check_pool_inputs, check_query, check_scale, check_scores
 from .backends import resolve_backend
-from .ops import MAX, MEAN, MEAN_MAX, run
+from .ops import run
+from .specs import MAX, MEAN, MEAN_MAX
+from .tokens import first_token, last_token
 
-__all__ = ["masked_mean", "masked_max", "masked_mean_max", "attention_pool", "query_attention_pool"]
+__all__ = [
+    "attention_pool",
+    "first_token",
+    "last_token",
+    "masked_max",
+    "masked_mean",
+    "masked_mean_max",
+    "query_attention_pool",
+]
 
 
-def _pool(x, mask, cu_seqlens, max_seqlen, backend, mode, reference_fn) -> Tensor:
-    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
-    backend = resolve_backend(backend, x.device)
-    if backend == "torch":
-        return reference_fn(x, mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    return run("pool", backend, x, mask, cu_seqlens, max_seqlen, mode)
+def _pool(x, mask, cu_seqlens, max_seqlen, backend, mode) -> Tensor:
+    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen, varlen_weights=mode == MEAN)
+    return run("pool", resolve_backend(backend, x.device), x, mask, cu_seqlens, max_seqlen, mode)
 
 
 def masked_mean(
@@ -39,8 +48,9 @@ def masked_mean(
     backend: str | None = None,
 ) -> Tensor:
     """Mean of the kept tokens of each sequence: (B, L, H) + (B, L) mask, or (T, H) + cu_seqlens,
-    -> (B, H). A floating mask gives the weighted mean sum(w x) / sum(w)."""
-    return _pool(x, mask, cu_seqlens, max_seqlen, backend, MEAN, reference.masked_mean)
+    -> (B, H). A floating mask gives the weighted mean sum(w x) / sum(w): (B, L) padded, or per-token
+    weights (T,) with cu_seqlens."""
+    return _pool(x, mask, cu_seqlens, max_seqlen, backend, MEAN)
 
 
 def masked_max(
@@ -53,7 +63,7 @@ def masked_max(
 ) -> Tensor:
     """Max over the kept tokens of each sequence -> (B, H). The gradient goes to the first maximal
     kept token; a kept NaN propagates, as in torch.max."""
-    return _pool(x, mask, cu_seqlens, max_seqlen, backend, MAX, reference.masked_max)
+    return _pool(x, mask, cu_seqlens, max_seqlen, backend, MAX)
 
 
 def masked_mean_max(
@@ -65,7 +75,7 @@ def masked_mean_max(
     backend: str | None = None,
 ) -> Tensor:
     """cat(masked_mean, masked_max) -> (B, 2H), both from one read of x."""
-    return _pool(x, mask, cu_seqlens, max_seqlen, backend, MEAN_MAX, reference.masked_mean_max)
+    return _pool(x, mask, cu_seqlens, max_seqlen, backend, MEAN_MAX)
 
 
 def attention_pool(
@@ -86,12 +96,9 @@ def attention_pool(
     """
     x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
     check_scores(scores, x, cu_seqlens is not None)
-    backend = resolve_backend(backend, x.device)
-    if backend == "torch":
-        return reference.attention_pool(x, scores, mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if scores.dim() == x.dim() - 1:  # one head: (B, L) -> (B, L, 1), (T,) -> (T, 1)
         scores = scores.unsqueeze(-1)
-    out = run("attention", backend, x, scores, mask, cu_seqlens, max_seqlen)
+    out = run("attention", resolve_backend(backend, x.device), x, scores, mask, cu_seqlens, max_seqlen)
     return out.to(x.dtype)
 
 
@@ -114,14 +121,9 @@ def query_attention_pool(
     x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
     num_heads = check_query(query, x)
     check_scale(scale)
-    backend = resolve_backend(backend, x.device)
-    if backend == "torch":
-        return reference.query_attention_pool(
-            x, query, mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale
-        )
     head_dim = x.shape[-1] // num_heads
     scale = float(head_dim**-0.5 if scale is None else scale)
-    out = run(
-        "query_attention", backend, x, query.view(num_heads, head_dim), mask, cu_seqlens, max_seqlen, scale
-    )
+    query = query.view(num_heads, head_dim)
+    backend = resolve_backend(backend, x.device)
+    out = run("query_attention", backend, x, query, mask, cu_seqlens, max_seqlen, scale)
     return out.to(x.dtype)

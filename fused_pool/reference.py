@@ -6,6 +6,7 @@ assumed valid: the public functions check them). Every semantic rule of the libr
 - accumulate in float32 (float64 for float64 inputs); softmax statistics in float32;
 - padding is never read: positions that are not kept contribute nothing, even if they hold NaN;
 - a floating mask weights `masked_mean` (sum(w * x) / sum(w)); every other op keeps w != 0;
+  varlen `masked_mean` takes per-token weights (T,) as its mask;
 - a sequence with no kept token gives 0 and zero gradients; in attention pooling, kept positions
   whose scores are all -inf count as empty;
 - `masked_max` sends its gradient to the first (lowest position) maximal kept token; a kept NaN
@@ -21,11 +22,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["masked_mean", "masked_max", "masked_mean_max", "attention_pool", "query_attention_pool"]
+from .specs import accumulation_dtype as _accumulation_dtype
 
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = [
+    "masked_mean",
+    "masked_max",
+    "masked_mean_max",
+    "attention_pool",
+    "query_attention_pool",
+    "first_token",
+    "last_token",
+]
 
 
 def _segment_bounds(cu_seqlens: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
@@ -74,9 +81,14 @@ def masked_mean(
     max_seqlen: int | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """(B, H) mean of the kept tokens; a floating mask gives the weighted mean sum(w x) / sum(w)."""
+    """(B, H) mean of the kept tokens; a floating mask gives the weighted mean sum(w x) / sum(w):
+    (B, L) padded, or per-token weights (T,) with cu_seqlens."""
     acc = _accumulation_dtype(x.dtype)
-    xs, mask, _ = _padded_view(x, mask, cu_seqlens)
+    if cu_seqlens is not None and mask is not None:  # varlen per-token weights (T,)
+        xs, inside, (token_weights,) = _padded_view(x, None, cu_seqlens, mask)
+        mask = torch.where(inside, token_weights, 0)
+    else:
+        xs, mask, _ = _padded_view(x, mask, cu_seqlens)
     weights = mask.detach().to(acc) if mask.is_floating_point() else _kept(mask).to(acc)
     kept = weights != 0
     weighted = torch.where(kept[..., None], xs.to(acc) * weights[..., None], 0)
@@ -202,3 +214,26 @@ def query_attention_pool(
     xs = torch.where(kept[..., None], xs.to(acc), 0)
     scores = (xs.reshape(batch, length, num_heads, head_dim) * query).sum(-1) * scale
     return _softmax_pool(xs, scores, kept).to(x.dtype)
+
+
+def _kept_token(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, which: str) -> Tensor:
+    """(B, H): the first / last kept token of each sequence, 0 if it has none."""
+    xs, mask, _ = _padded_view(x, mask, cu_seqlens)
+    kept = _kept(mask)
+    count = kept.long().cumsum(1)  # kept tokens so far: 1 at the first kept token
+    if which == "first":
+        chosen = kept & (count == 1)
+    else:
+        chosen = kept & (count == count[:, -1:])
+    out = torch.where(chosen[..., None], xs, 0).sum(1)
+    return out + x.sum() * 0 if x.numel() == 0 else out  # no token at all: still a function of x
+
+
+def first_token(x: Tensor, mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None) -> Tensor:
+    """(B, H): the first kept token of each sequence (0 if none); its gradient goes to that token."""
+    return _kept_token(x, mask, cu_seqlens, "first")
+
+
+def last_token(x: Tensor, mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None) -> Tensor:
+    """(B, H): the last kept token of each sequence (0 if none); its gradient goes to that token."""
+    return _kept_token(x, mask, cu_seqlens, "last")

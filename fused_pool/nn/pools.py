@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import check_pool_inputs
 from ..padding import segment_bounds
+from ..tokens import first_token, last_token
 
 __all__ = [
     "AttentionPool",
@@ -30,35 +30,7 @@ __all__ = [
     "MeanPool",
     "WeightedMeanPool",
     "position_weights",
-    "select_token",
 ]
-
-
-def select_token(
-    hidden_states: Tensor, attention_mask: Tensor | None, cu_seqlens: Tensor | None, which: str
-) -> Tensor:
-    """(B, H): the first or last kept token of each sequence (left or right padding, varlen);
-    0 for a sequence with no kept token. Gathers B rows; no host sync."""
-    x = check_pool_inputs(hidden_states, attention_mask, cu_seqlens, None)
-    if cu_seqlens is not None:
-        starts, ends = segment_bounds(cu_seqlens, x.shape[0])
-        position, nonempty = (starts if which == "first" else ends - 1), ends > starts
-        rows = (
-            x.new_zeros(len(starts), x.shape[1]) if x.shape[0] == 0 else x[position.clamp(0, x.shape[0] - 1)]
-        )
-        return torch.where(nonempty[:, None], rows, 0)
-    batch, length, hidden = x.shape
-    if length == 0:
-        return x.sum(1) * 0
-    if attention_mask is None:
-        return x[:, 0 if which == "first" else length - 1]
-    kept = attention_mask != 0
-    if which == "first":
-        position = kept.int().argmax(1)  # argmax returns the first of equal maxima
-    else:
-        position = length - 1 - kept.flip(1).int().argmax(1)
-    rows = x.gather(1, position.view(batch, 1, 1).expand(batch, 1, hidden)).squeeze(1)
-    return torch.where(kept.any(1, keepdim=True), rows, 0)
 
 
 def position_weights(
@@ -155,7 +127,7 @@ class CLSPool(_Pool):
     linear = True
 
     def forward(self, hidden_states, attention_mask=None, *, cu_seqlens=None, max_seqlen=None) -> Tensor:
-        return select_token(hidden_states, attention_mask, cu_seqlens, "first")
+        return first_token(hidden_states, attention_mask, cu_seqlens=cu_seqlens)
 
 
 class LastTokenPool(_Pool):
@@ -164,7 +136,7 @@ class LastTokenPool(_Pool):
     linear = True
 
     def forward(self, hidden_states, attention_mask=None, *, cu_seqlens=None, max_seqlen=None) -> Tensor:
-        return select_token(hidden_states, attention_mask, cu_seqlens, "last")
+        return last_token(hidden_states, attention_mask, cu_seqlens=cu_seqlens)
 
 
 class AttentionPool(nn.Module):

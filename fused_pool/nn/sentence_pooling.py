@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..padding import segment_bounds
-from .pools import position_weights, select_token
+from ..tokens import first_token, last_token
+from .pools import position_weights
 
 __all__ = ["POOLING_MODES", "Pooling"]
 
@@ -191,9 +192,9 @@ class Pooling(nn.Module):
         for mode in self.modes:
             if mode == "cls":
                 cls = features.get("cls_token_embeddings")
-                vectors.append(cls if cls is not None else select_token(x, mask, None, "first"))
+                vectors.append(cls if cls is not None else first_token(x, mask))
             elif mode == "lasttoken":
-                vectors.append(select_token(x, mask, None, "last"))
+                vectors.append(last_token(x, mask))
             elif mode == "max":
                 vectors.append(F.masked_max(x, mask, backend=self.backend))
             elif mode in ("mean", "mean_sqrt_len_tokens"):
@@ -228,9 +229,9 @@ class Pooling(nn.Module):
         for mode in self.modes:
             if mode == "cls":
                 cls = features.get("cls_token_embeddings")
-                vectors.append(cls if cls is not None else select_token(tokens, None, cu_seqlens, "first"))
+                vectors.append(cls if cls is not None else first_token(tokens, cu_seqlens=cu_seqlens))
             elif mode == "lasttoken":
-                vectors.append(select_token(tokens, None, cu_seqlens, "last"))
+                vectors.append(last_token(tokens, cu_seqlens=cu_seqlens))
             elif mode == "max":
                 vectors.append(F.masked_max(tokens, **varlen))
             elif mode in ("mean", "mean_sqrt_len_tokens"):

@@ -1,0 +1,195 @@
+"""One spec per op kind: the facts every backend of that kind shares, defined once.
+
+A kind is a forward / backward kernel pair with one schema on every backend:
+
+    pool:            (x, mask, cu_seqlens, max_seqlen, mode) -> (out, den, argmax)
+                     backward: (grad_out, mask, cu_seqlens, den, argmax, x_shape, x_dtype, mode) -> dx
+    attention:       (x, scores, mask, cu_seqlens, max_seqlen) -> (out, stats)
+                     backward: (grad_out, x, scores, mask, cu_seqlens, out, stats) -> (dx, dscores)
+    query_attention: (x, query, mask, cu_seqlens, max_seqlen, scale) -> (out, stats)
+                     backward: (grad_out, x, query, mask, cu_seqlens, out, stats, scale) -> (dx, dquery)
+
+pool `mode` is MEAN, MAX or MEAN_MAX. `out` is (B, H) (mean_max: (B, 2H)) in x's dtype; `den` is the
+sum of weights per sequence (B,) in the accumulation dtype (mean modes, else empty); `argmax` is
+the int32 (B, H) index of the winning token within its sequence (l padded, t - start varlen; -1 for
+an empty sequence) (max modes, else empty). The pool backward computes dx = w g / den[seq] (0 where
+den == 0) and dx = g where the token's index is argmax[seq, h]. A varlen mask is per-token (T,).
+
+Attention `out` is (B, H) in the accumulation dtype (the caller casts it to x's dtype) and `stats`
+the (B, nh, 2) softmax (m, l); scores are (B, L, nh) / (T, nh) and query (nh, H / nh). The backward
+recomputes p = exp(s - m) / l from the stats it is given (0 where l == 0), with
+ds = p g . (x - out).
+
+Because every backward reads only these saved states, a caller may substitute other states for the
+ones its forward returned: the distributed ops (fused_pool.distributed) run the local backward
+kernels with the global states.
+
+Each spec also says what autograd saves and how the kernel gradients map to the op's inputs
+(`save`, `input_grads`), gives the fake kernels torch.compile traces with, and names the kernels of
+each backend (`backends`: "triton" and "torch" are Python functions, registered as custom ops by
+fused_pool.ops; "cpu" / "cuda" are the extension's C++ ops `fused_pool::ext_<kind>_fwd` / `_bwd`,
+whose schemas must equal the ones here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import python_kernels
+from .backends import BACKENDS
+
+MEAN, MAX, MEAN_MAX = 1, 2, 3  # pool mode bits: 1 = mean, 2 = max
+
+EXTENSION = "extension"  # a backend table entry: the extension's registered C++ ops
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every backend accumulates in float32, float64 for float64 inputs; softmax statistics too."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_seqs(x: Tensor, cu_seqlens: Tensor | None) -> int:
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    kind: str
+    forward_schema: str  # "(arguments) -> results", without the op's name
+    backward_schema: str
+    fake_forward: Callable[..., tuple[Tensor, ...]]
+    fake_backward: Callable[..., Tensor | tuple[Tensor, ...]]
+    save: Callable[..., None]  # setup_context(ctx, inputs, output): what backward needs
+    input_grads: Callable[..., tuple]  # (ctx, backward kernel, grad_out) -> one gradient per input
+    backends: dict[str, tuple[Callable, Callable] | str]  # backend -> (forward, backward) or EXTENSION
+    varlen_mask_backends: frozenset[str]  # backends whose kernels take a per-token varlen mask (T,)
+
+
+# --- pool -----------------------------------------------------------------------------------------
+
+
+def _pool_save(ctx, inputs, output) -> None:
+    x, mask, cu_seqlens, _max_seqlen, mode = inputs
+    ctx.save_for_backward(mask, cu_seqlens, output[1], output[2])
+    ctx.x_shape, ctx.x_dtype, ctx.mode = list(x.shape), x.dtype, mode
+
+
+def _pool_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
+    mask, cu_seqlens, den, argmax = ctx.saved_tensors
+    dx = backward(grad_out, mask, cu_seqlens, den, argmax, ctx.x_shape, ctx.x_dtype, ctx.mode)
+    return dx, None, None, None, None
+
+
+def _pool_fake_forward(x, mask, cu_seqlens, max_seqlen, mode):
+    batch, hidden = num_seqs(x, cu_seqlens), x.shape[-1]
+    out = x.new_empty(batch, 2 * hidden if mode == MEAN_MAX else hidden)
+    den = x.new_empty(batch if mode & MEAN else 0, dtype=accumulation_dtype(x.dtype))
+    argmax = x.new_empty((batch, hidden) if mode & MAX else (0,), dtype=torch.int32)
+    return out, den, argmax
+
+
+def _pool_fake_backward(grad_out, mask, cu_seqlens, den, argmax, x_shape, x_dtype, mode):
+    return grad_out.new_empty(x_shape, dtype=x_dtype)
+
+
+POOL = OpSpec(
+    kind="pool",
+    forward_schema=(
+        "(Tensor x, Tensor? mask, Tensor? cu_seqlens, int? max_seqlen, int mode) -> (Tensor, Tensor, Tensor)"
+    ),
+    backward_schema=(
+        "(Tensor grad_out, Tensor? mask, Tensor? cu_seqlens, Tensor den, Tensor argmax, SymInt[] x_shape,"
+        " ScalarType x_dtype, int mode) -> Tensor"
+    ),
+    fake_forward=_pool_fake_forward,
+    fake_backward=_pool_fake_backward,
+    save=_pool_save,
+    input_grads=_pool_input_grads,
+    backends={
+        "triton": (python_kernels.triton_pool_fwd, python_kernels.triton_pool_bwd),
+        "torch": (python_kernels.torch_pool_fwd, python_kernels.torch_pool_bwd),
+        "cpu": EXTENSION,
+        "cuda": EXTENSION,
+    },
+    varlen_mask_backends=frozenset({"triton", "torch", "cpu", "cuda"}),
+)
+
+
+# --- attention and query attention ----------------------------------------------------------------
+# The second input (scores or query) gets a gradient; query attention has a trailing `scale`.
+
+
+def _attention_save(ctx, inputs, output) -> None:
+    x, scores_or_query, mask, cu_seqlens, _max_seqlen, *scale = inputs
+    ctx.save_for_backward(x, scores_or_query, mask, cu_seqlens, *output)
+    ctx.scale = scale
+
+
+def _attention_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
+    x, scores_or_query, mask, cu_seqlens, out, stats = ctx.saved_tensors
+    dx, dother = backward(grad_out, x, scores_or_query, mask, cu_seqlens, out, stats, *ctx.scale)
+    return (dx, dother, None, None, None) + (None,) * len(ctx.scale)
+
+
+def _attention_fake_forward(x, scores_or_query, mask, cu_seqlens, max_seqlen, *scale):
+    num_heads = scores_or_query.shape[0] if scale else scores_or_query.shape[-1]
+    acc, batch = accumulation_dtype(x.dtype), num_seqs(x, cu_seqlens)
+    return x.new_empty(batch, x.shape[-1], dtype=acc), x.new_empty(batch, num_heads, 2, dtype=acc)
+
+
+def _attention_fake_backward(grad_out, x, scores_or_query, mask, cu_seqlens, out, stats, *scale):
+    return x.new_empty(x.shape), scores_or_query.new_empty(scores_or_query.shape)
+
+
+_ATTENTION_COMMON = dict(
+    fake_forward=_attention_fake_forward,
+    fake_backward=_attention_fake_backward,
+    save=_attention_save,
+    input_grads=_attention_input_grads,
+    # The extension's attention kernels take no varlen mask (csrc/checks.h).
+    varlen_mask_backends=frozenset({"triton", "torch"}),
+)
+
+ATTENTION = OpSpec(
+    kind="attention",
+    forward_schema=(
+        "(Tensor x, Tensor scores, Tensor? mask, Tensor? cu_seqlens, int? max_seqlen) -> (Tensor, Tensor)"
+    ),
+    backward_schema=(
+        "(Tensor grad_out, Tensor x, Tensor scores, Tensor? mask, Tensor? cu_seqlens, Tensor out,"
+        " Tensor stats) -> (Tensor, Tensor)"
+    ),
+    backends={
+        "triton": (python_kernels.triton_attention_fwd, python_kernels.triton_attention_bwd),
+        "torch": (python_kernels.torch_attention_fwd, python_kernels.torch_attention_bwd),
+        "cpu": EXTENSION,
+        "cuda": EXTENSION,
+    },
+    **_ATTENTION_COMMON,
+)
+
+QUERY_ATTENTION = OpSpec(
+    kind="query_attention",
+    forward_schema=(
+        "(Tensor x, Tensor query, Tensor? mask, Tensor? cu_seqlens, int? max_seqlen, float scale)"
+        " -> (Tensor, Tensor)"
+    ),
+    backward_schema=(
+        "(Tensor grad_out, Tensor x, Tensor query, Tensor? mask, Tensor? cu_seqlens, Tensor out,"
+        " Tensor stats, float scale) -> (Tensor, Tensor)"
+    ),
+    backends={
+        "triton": (python_kernels.triton_query_attention_fwd, python_kernels.triton_query_attention_bwd),
+        "torch": (python_kernels.torch_query_attention_fwd, python_kernels.torch_query_attention_bwd),
+        "cpu": EXTENSION,
+        "cuda": EXTENSION,
+    },
+    **_ATTENTION_COMMON,
+)
+
+SPECS: dict[str, OpSpec] = {spec.kind: spec for spec in (POOL, ATTENTION, QUERY_ATTENTION)}
+assert all(set(spec.backends) == set(BACKENDS) for spec in SPECS.values()), "a backend table is incomplete"

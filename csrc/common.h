@@ -40,8 +40,9 @@ struct IndexView {
   }
 };
 
-// The (B, L) mask as the caller gave it, any strides, read without a converted copy. A floating mask
-// gives its value (the weight of masked_mean), any other mask 1 where nonzero; every op keeps w != 0.
+// The mask as the caller gave it, any strides, read without a converted copy: (B, L) padded, or the
+// per-token weights (T,) varlen (stride_seq = 0, row = t). A floating mask gives its value (the
+// weight of masked_mean), any other mask 1 where nonzero; every op keeps w != 0.
 enum MaskKind : int { kNoMask = 0, kMaskUInt8 = 1, kMaskInt32 = 2, kMaskInt64 = 3, kMaskFloat32 = 4, kMaskFloat64 = 5 };
 
 struct MaskView {
@@ -88,20 +89,22 @@ FP_HOST_DEVICE int64_t row_sequence(IndexView cu_seqlens, int64_t num_seqs, int6
   return lo;
 }
 
-// Row `row` of the flattened (B * L or T) rows: its sequence, its position (what the forward calls a
-// row: l padded, t varlen) and whether it belongs to a sequence at all (varlen gaps and overlaps
-// from malformed cu_seqlens do not). The mask is for the caller to apply.
-FP_HOST_DEVICE bool locate_row(const Geometry& g, IndexView cu_seqlens, int64_t row, int64_t& seq, int64_t& position) {
+// Where row `row` of the flattened (B * L or T) rows belongs.
+struct RowPlace {
+  int64_t seq;       // its sequence
+  int64_t position;  // the row in the forward's terms, which x and the mask are indexed by: l padded, t varlen
+  int64_t index;     // its index within the sequence, what argmax stores: l padded, t - cu_seqlens[seq] varlen
+  bool inside;       // false for varlen gaps and overlaps of malformed cu_seqlens (the mask is for the caller)
+};
+
+FP_HOST_DEVICE RowPlace locate_row(const Geometry& g, IndexView cu_seqlens, int64_t row) {
   if (g.varlen) {
-    seq = row_sequence(cu_seqlens, g.num_seqs, row);
+    const int64_t seq = row_sequence(cu_seqlens, g.num_seqs, row);
     int64_t start, end;
     segment_bounds(cu_seqlens, seq, g.num_rows, start, end);
-    position = row;
-    return row >= start && row < end;
+    return {seq, row, row - start, row >= start && row < end};
   }
-  seq = row / g.seq_len;
-  position = row % g.seq_len;
-  return true;
+  return {row / g.seq_len, row % g.seq_len, row % g.seq_len, true};
 }
 
 template <typename Acc>
@@ -111,6 +114,8 @@ FP_HOST_DEVICE bool is_nan(Acc v) {
 
 // Running max over rows in increasing order: a row takes the max if it is greater, or if it is the
 // first NaN (NaN propagates as in torch.max); ties keep the earlier row. best_row < 0 means empty.
+// Rows here are indices within the sequence (RowPlace::index): int32 holds them for any sequence
+// shorter than 2^31 rows, however many rows T the batch has.
 template <typename Acc>
 FP_HOST_DEVICE bool takes_max(Acc value, Acc best, int32_t best_row) {
   return best_row < 0 || (is_nan(value) && !is_nan(best)) || (!is_nan(best) && value > best);

@@ -25,7 +25,8 @@ struct Batch {
   at::Tensor cu_storage;
 };
 
-// x given by its sizes and strides: (B, L, H) padded, (T, H) varlen.
+// x given by its sizes and strides: (B, L, H) padded, (T, H) varlen. mask: (B, L) padded, (T,)
+// per-token weights varlen (shapes checked by checks.h).
 inline Batch make_batch(at::IntArrayRef sizes, at::IntArrayRef strides, const std::optional<at::Tensor>& mask,
                         const std::optional<at::Tensor>& cu_seqlens) {
   Batch batch;
@@ -46,12 +47,14 @@ inline Batch make_batch(at::IntArrayRef sizes, at::IntArrayRef strides, const st
       case at::kLong: kind = kMaskInt64; break;
       case at::kFloat: kind = kMaskFloat32; break;
       case at::kDouble: kind = kMaskFloat64; break;
-      default:  // float16, bfloat16, int8, int16, ...: converted once, (B, L) small
+      default:  // float16, bfloat16, int8, int16, ...: converted once, (B, L) or (T,) small
         kind = mask->is_floating_point() ? kMaskFloat32 : kMaskUInt8;
         batch.mask_storage = mask->is_floating_point() ? mask->to(at::kFloat) : mask->ne(0).to(at::kByte);
     }
-    batch.mask = {batch.mask_storage.const_data_ptr(), kind, batch.mask_storage.stride(0),
-                  batch.mask_storage.stride(1)};
+    // Varlen: row t's weight at mask[t * stride], whatever the sequence.
+    const bool per_token = batch.geometry.varlen;
+    batch.mask = {batch.mask_storage.const_data_ptr(), kind, per_token ? 0 : batch.mask_storage.stride(0),
+                  batch.mask_storage.stride(per_token ? 0 : 1)};
   }
   return batch;
 }

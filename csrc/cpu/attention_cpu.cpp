@@ -17,6 +17,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../checks.h"
 #include "../common.h"
 #include "../host.h"
 #include "cpu_common.h"
@@ -229,16 +230,16 @@ void attention_backward_kernel(const at::Tensor& grad, const at::Tensor& x, cons
     if (dq != nullptr) std::fill(dq, dq + hidden, Acc(0));
     const int64_t last = std::min(g.num_rows, (block + 1) * kBackwardBlockRows);
     for (int64_t row = block * kBackwardBlockRows; row < last; ++row) {
-      int64_t seq, position;
-      const bool kept =
-          locate_row(g, batch.cu_seqlens, row, seq, position) && batch.mask.weight<Acc>(seq, position) != Acc(0);
+      const RowPlace place = locate_row(g, batch.cu_seqlens, row);
+      const int64_t seq = place.seq;
+      const bool kept = place.inside && batch.mask.weight<Acc>(seq, place.position) != Acc(0);
       T* dx_row = dx_ptr + row * hidden;
       if (!kept) {
         std::fill(dx_row, dx_row + hidden, T(0));
         if (dscores != nullptr) std::fill(dscores + row * heads, dscores + (row + 1) * heads, Acc(0));
         continue;
       }
-      const T* x_row = x_ptr + seq * g.stride_b + position * g.stride_row;
+      const T* x_row = x_ptr + seq * g.stride_b + place.position * g.stride_row;
       for (int64_t head = 0; head < heads; ++head) {
         const T* values = contiguous_slice(x_row + head * d * g.stride_h, g.stride_h, d, gathered);
         const Acc* stat = stats_ptr + (seq * heads + head) * 2;
@@ -271,6 +272,7 @@ std::tuple<at::Tensor, at::Tensor> attention_bwd_cpu_impl(const at::Tensor& grad
   const int64_t num_heads = stats.size(1);
   if (g.num_rows == 0 || g.hidden == 0 || g.num_seqs == 0) return {dx.zero_(), at::zeros_like(other)};
   const at::Tensor grad = grad_out.to(acc).contiguous();
+  const at::Tensor out_c = out.contiguous(), stats_c = stats.contiguous();  // indexed as contiguous
   at::Tensor dscores = at::empty({query.has_value() ? 0 : g.num_rows * num_heads}, x.options().dtype(acc));
   const int64_t num_blocks = (g.num_rows + kBackwardBlockRows - 1) / kBackwardBlockRows;
   at::Tensor dquery_parts = at::empty({query.has_value() ? num_blocks : 0, g.hidden}, x.options().dtype(acc));
@@ -281,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> attention_bwd_cpu_impl(const at::Tensor& grad
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_bwd_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
     const Scores<Acc> sc = make_scores<Acc>(scores_acc, query_acc, scale, g.hidden, num_heads);
-    attention_backward_kernel<scalar_t, Acc>(grad, x, batch, out, stats, sc, dx,
+    attention_backward_kernel<scalar_t, Acc>(grad, x, batch, out_c, stats_c, sc, dx,
                                              query.has_value() ? nullptr : dscores.mutable_data_ptr<Acc>(),
                                              query.has_value() ? dquery_parts.mutable_data_ptr<Acc>() : nullptr);
   });
@@ -296,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& x, const 
                                                      const std::optional<at::Tensor>& mask,
                                                      const std::optional<at::Tensor>& cu_seqlens,
                                                      std::optional<int64_t> max_seqlen) {
-  (void)max_seqlen;
+  check_attention_forward(at::kCPU, "fused_pool::ext_attention_fwd", x, scores, std::nullopt, mask, cu_seqlens,
+                          max_seqlen);  // max_seqlen: unused, the plan reads the lengths
   return attention_fwd_cpu_impl(x, scores, std::nullopt, mask, cu_seqlens, 1.0);
 }
 
@@ -304,6 +307,8 @@ std::tuple<at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out,
                                                      const at::Tensor& scores, const std::optional<at::Tensor>& mask,
                                                      const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& out,
                                                      const at::Tensor& stats) {
+  check_attention_backward(at::kCPU, "fused_pool::ext_attention_bwd", grad_out, x, scores, std::nullopt, mask,
+                           cu_seqlens, out, stats);
   return attention_bwd_cpu_impl(grad_out, x, scores, std::nullopt, mask, cu_seqlens, out, stats, 1.0);
 }
 
@@ -311,7 +316,8 @@ std::tuple<at::Tensor, at::Tensor> query_attention_fwd_cpu(const at::Tensor& x, 
                                                            const std::optional<at::Tensor>& mask,
                                                            const std::optional<at::Tensor>& cu_seqlens,
                                                            std::optional<int64_t> max_seqlen, double scale) {
-  (void)max_seqlen;
+  check_attention_forward(at::kCPU, "fused_pool::ext_query_attention_fwd", x, std::nullopt, query, mask, cu_seqlens,
+                          max_seqlen);
   return attention_fwd_cpu_impl(x, std::nullopt, query, mask, cu_seqlens, scale);
 }
 
@@ -319,6 +325,8 @@ std::tuple<at::Tensor, at::Tensor> query_attention_bwd_cpu(const at::Tensor& gra
                                                            const at::Tensor& query, const std::optional<at::Tensor>& mask,
                                                            const std::optional<at::Tensor>& cu_seqlens,
                                                            const at::Tensor& out, const at::Tensor& stats, double scale) {
+  check_attention_backward(at::kCPU, "fused_pool::ext_query_attention_bwd", grad_out, x, std::nullopt, query, mask,
+                           cu_seqlens, out, stats);
   return attention_bwd_cpu_impl(grad_out, x, std::nullopt, query, mask, cu_seqlens, out, stats, scale);
 }
 

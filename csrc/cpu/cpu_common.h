@@ -22,11 +22,14 @@
 
 namespace fused_pool {
 
-// Rows [first, last) of sequence `seq`; whole_sequence when the chunk is the entire sequence.
+// Rows [first, last) of sequence `seq`, whose first row is `origin` (0 padded, its clamped
+// cu_seqlens start varlen: row - origin is the row's index in the sequence, what argmax stores);
+// whole_sequence when the chunk is the entire sequence.
 struct RowChunk {
   int64_t seq;
   int64_t first;
   int64_t last;
+  int64_t origin;
   bool whole_sequence;
 };
 
@@ -59,21 +62,25 @@ inline int64_t row_grain(int64_t hidden) {
 
 // Splits sequences much longer than the average into chunks. The chunk size depends on the shapes
 // (and cu_seqlens) only, never on the thread count, so results are the same on every machine
-// configuration: partials are combined in row order.
+// configuration: partials are combined in row order. Non-overlapping sequences have at most
+// num_rows / chunk_rows + num_seqs chunks; past that budget (malformed, overlapping cu_seqlens only)
+// sequences stay whole, so that the plan never grows like B * T / chunk_rows.
 inline std::vector<RowChunk> plan_row_chunks(const Batch& batch) {
   const Geometry& g = batch.geometry;
   const int64_t chunk_rows = std::max<int64_t>(2048, (g.num_rows + 63) / 64);
+  const int64_t budget = g.num_rows / chunk_rows + g.num_seqs;
   std::vector<RowChunk> chunks;
   chunks.reserve(g.num_seqs);
   for (int64_t seq = 0; seq < g.num_seqs; ++seq) {
     int64_t start = 0, end = g.seq_len;
     if (g.varlen) segment_bounds(batch.cu_seqlens, seq, g.num_rows, start, end);
-    if (end - start <= chunk_rows) {
-      chunks.push_back({seq, start, end, true});
+    const int64_t pieces = (end - start + chunk_rows - 1) / chunk_rows;
+    if (pieces <= 1 || static_cast<int64_t>(chunks.size()) + pieces + (g.num_seqs - seq - 1) > budget) {
+      chunks.push_back({seq, start, end, start, true});
       continue;
     }
     for (int64_t first = start; first < end; first += chunk_rows)
-      chunks.push_back({seq, first, std::min(first + chunk_rows, end), false});
+      chunks.push_back({seq, first, std::min(first + chunk_rows, end), start, false});
   }
   return chunks;
 }

@@ -4,7 +4,8 @@
 // kept row once into float32 accumulators (inner loops over contiguous channels, vectorized for
 // AVX-512 / AVX2 / SSE and picked at load time). Sequences longer than a chunk (fixed by the
 // shapes alone, never by the thread count) are split; their partials are combined in row order.
-// Backward: every row of dx is written once, in parallel over rows.
+// Backward: every row of dx is written once, in parallel over rows. argmax holds each maximum's
+// index within its sequence (l padded, t - cu_seqlens[b] varlen).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,6 +16,7 @@
 #include <memory>
 #include <vector>
 
+#include "../checks.h"
 #include "../common.h"
 #include "../host.h"
 #include "cpu_common.h"
@@ -87,7 +89,7 @@ void reduce_rows(const T* x, const Batch& batch, const RowChunk& chunk, int64_t 
     const Acc w = batch.mask.weight<Acc>(chunk.seq, row);
     if (w == Acc(0)) continue;  // padding: never read
     const T* values = contiguous_slice(x_seq + row * g.stride_row, g.stride_h, n, gathered);
-    const int32_t r = static_cast<int32_t>(row);
+    const int32_t r = static_cast<int32_t>(row - chunk.origin);  // index within the sequence
     if ((mode & kMax) && kept == 0) {  // the first kept row starts the running max
       for (int64_t i = 0; i < n; ++i) part.best[i] = static_cast<Acc>(values[i]);
       std::fill(part.best_row.begin(), part.best_row.end(), r);
@@ -186,7 +188,7 @@ void pool_forward_kernel(const at::Tensor& x, const Batch& batch, int mode, at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask,
                                                              const std::optional<at::Tensor>& cu_seqlens,
                                                              std::optional<int64_t> max_seqlen, int64_t mode) {
-  (void)max_seqlen;  // the CPU plan reads the lengths directly
+  check_pool_forward(at::kCPU, x, mask, cu_seqlens, max_seqlen, mode);  // max_seqlen: unused, the plan reads lengths
   const Batch batch = make_batch(x, mask, cu_seqlens);
   const Geometry& g = batch.geometry;
   const at::ScalarType acc = accumulation_type(x.scalar_type());
@@ -213,18 +215,18 @@ void pool_backward_kernel(const at::Tensor& grad, const Batch& batch, const at::
   at::parallel_for(0, g.num_rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       T* dx_row = dx_ptr + row * hidden;
-      int64_t seq, position;
-      const bool inside = locate_row(g, batch.cu_seqlens, row, seq, position);
-      const Acc w = inside ? batch.mask.weight<Acc>(seq, position) : Acc(0);
+      const RowPlace place = locate_row(g, batch.cu_seqlens, row);
+      const Acc w = place.inside ? batch.mask.weight<Acc>(place.seq, place.position) : Acc(0);
       if (w == Acc(0)) {
         std::fill(dx_row, dx_row + hidden, T(0));
         continue;
       }
+      const int64_t seq = place.seq;
       const Acc* g_row = g_ptr + seq * grad.stride(0);
       const Acc scale = (mode & kMean) && den_ptr[seq] != Acc(0) ? w / den_ptr[seq] : Acc(0);
       pool_grad_row(dx_row, (mode & kMean) ? g_row : nullptr, scale,
                     (mode & kMax) ? g_row + ((mode & kMean) ? hidden : 0) : nullptr,
-                    (mode & kMax) ? argmax_ptr + seq * hidden : nullptr, static_cast<int32_t>(position), hidden);
+                    (mode & kMax) ? argmax_ptr + seq * hidden : nullptr, static_cast<int32_t>(place.index), hidden);
     }
   });
 }
@@ -232,14 +234,16 @@ void pool_backward_kernel(const at::Tensor& grad, const Batch& batch, const at::
 at::Tensor pool_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& mask,
                         const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& den, const at::Tensor& argmax,
                         at::IntArrayRef x_shape, at::ScalarType x_dtype, int64_t mode) {
+  check_pool_backward(at::kCPU, grad_out, mask, cu_seqlens, den, argmax, x_shape, x_dtype, mode);
   at::Tensor dx = at::empty(x_shape, grad_out.options().dtype(x_dtype));
   const Batch batch = make_batch(dx.sizes(), dx.strides(), mask, cu_seqlens);
   if (dx.numel() == 0) return dx;
   if (batch.geometry.num_seqs == 0) return dx.zero_();
   const at::Tensor grad = grad_out.to(accumulation_type(x_dtype)).contiguous();
+  const at::Tensor den_c = den.contiguous(), argmax_c = argmax.contiguous();  // indexed as contiguous
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "pool_bwd_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    pool_backward_kernel<scalar_t, Acc>(grad, batch, den, argmax, static_cast<int>(mode), dx);
+    pool_backward_kernel<scalar_t, Acc>(grad, batch, den_c, argmax_c, static_cast<int>(mode), dx);
   });
   return dx;
 }

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "../host.h"
 #include "glue.h"
 #include "launch.h"
@@ -42,8 +43,8 @@ std::tuple<at::Tensor, at::Tensor> attention_from_scores(const at::Tensor& x, co
     args.part_l = part_l.mutable_data_ptr();
     args.part_acc = part_acc.mutable_data_ptr();
   }
-  cuda::attention_forward(args, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launched(cuda::attention_forward(args, c10::cuda::getCurrentCUDAStream()), "fused_pool::ext_attention_fwd",
+                 x.sizes());
   return {out, stats};
 }
 
@@ -51,6 +52,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& mask,
                                                       const std::optional<at::Tensor>& cu_seqlens,
                                                       std::optional<int64_t> max_seqlen) {
+  check_attention_forward(at::kCUDA, "fused_pool::ext_attention_fwd", x, scores, std::nullopt, mask, cu_seqlens,
+                          max_seqlen);
   const c10::cuda::CUDAGuard guard(x.device());
   const Batch batch = make_batch(x, mask, cu_seqlens);
   const at::Tensor scores_acc = scores.to(accumulation_type(x.scalar_type())).contiguous();
@@ -61,6 +64,8 @@ std::tuple<at::Tensor, at::Tensor> query_attention_fwd_cuda(const at::Tensor& x,
                                                             const std::optional<at::Tensor>& mask,
                                                             const std::optional<at::Tensor>& cu_seqlens,
                                                             std::optional<int64_t> max_seqlen, double scale) {
+  check_attention_forward(at::kCUDA, "fused_pool::ext_query_attention_fwd", x, std::nullopt, query, mask, cu_seqlens,
+                          max_seqlen);
   const c10::cuda::CUDAGuard guard(x.device());
   const Batch batch = make_batch(x, mask, cu_seqlens);
   const Geometry& g = batch.geometry;
@@ -68,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> query_attention_fwd_cuda(const at::Tensor& x,
   const int64_t num_heads = query.size(0);
   at::Tensor scores = at::empty({g.num_rows, num_heads}, x.options().dtype(acc));  // O(B L nh)
   if (g.num_rows > 0 && g.hidden > 0 && g.num_seqs > 0) {
-    const at::Tensor query_acc = query.to(acc).contiguous();
+    const at::Tensor query_acc = contiguous_aligned(query.to(acc));  // 16-byte vector loads
     cuda::QueryScores args{};
     args.x = x.const_data_ptr();
     args.dtype = cuda_dtype(x.scalar_type());
@@ -81,8 +86,8 @@ std::tuple<at::Tensor, at::Tensor> query_attention_fwd_cuda(const at::Tensor& x,
     args.head_dim = g.hidden / num_heads;
     args.scores = scores.mutable_data_ptr();
     args.vec = vector_width(g, args.x, x.element_size(), args.head_dim);
-    cuda::query_scores(args, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launched(cuda::query_scores(args, c10::cuda::getCurrentCUDAStream()), "fused_pool::ext_query_attention_fwd",
+                   x.sizes());
   }
   return attention_from_scores(x, batch, scores, num_heads, max_seqlen);
 }
@@ -95,7 +100,10 @@ std::tuple<at::Tensor, at::Tensor> attention_grads(const at::Tensor& grad_out, c
   const int64_t num_heads = stats.size(1);
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor ds = at::empty({g.num_rows, num_heads}, out.options());
-  const at::Tensor grad = grad_out.to(out.scalar_type()).contiguous();
+  // grad, out and query are read with 16-byte vector loads: contiguous and aligned.
+  const at::Tensor grad = contiguous_aligned(grad_out.to(out.scalar_type()));
+  const at::Tensor out_c = contiguous_aligned(out);
+  const at::Tensor stats_c = stats.contiguous();
   cuda::AttentionBackward args{};
   args.grad = grad.const_data_ptr();
   args.x = x.const_data_ptr();
@@ -106,8 +114,8 @@ std::tuple<at::Tensor, at::Tensor> attention_grads(const at::Tensor& grad_out, c
   args.scores = scores_acc.defined() ? scores_acc.const_data_ptr() : nullptr;
   args.query = query_acc.defined() ? query_acc.const_data_ptr() : nullptr;
   args.scale = scale;
-  args.out = out.const_data_ptr();
-  args.stats = stats.const_data_ptr();
+  args.out = out_c.const_data_ptr();
+  args.stats = stats_c.const_data_ptr();
   args.num_heads = num_heads;
   args.head_dim = g.hidden / num_heads;
   args.dx = dx.mutable_data_ptr();
@@ -116,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor> attention_grads(const at::Tensor& grad_out, c
   args.vec = std::min(vector_width(g, args.x, x.element_size(), args.head_dim),
                       vector_width({g.num_seqs, g.seq_len, g.num_rows, g.hidden, g.seq_len * g.hidden, g.hidden, 1, g.varlen},
                                    args.dx, x.element_size(), args.head_dim));
-  cuda::attention_backward(args, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launched(cuda::attention_backward(args, c10::cuda::getCurrentCUDAStream()), "fused_pool::ext_attention_bwd",
+                 x.sizes());
   return {dx, ds};
 }
 
@@ -125,6 +133,8 @@ std::tuple<at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tensor& grad_out
                                                       const at::Tensor& scores, const std::optional<at::Tensor>& mask,
                                                       const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& out,
                                                       const at::Tensor& stats) {
+  check_attention_backward(at::kCUDA, "fused_pool::ext_attention_bwd", grad_out, x, scores, std::nullopt, mask,
+                           cu_seqlens, out, stats);
   const c10::cuda::CUDAGuard guard(x.device());
   const Batch batch = make_batch(x, mask, cu_seqlens);
   const Geometry& g = batch.geometry;
@@ -142,13 +152,15 @@ std::tuple<at::Tensor, at::Tensor> query_attention_bwd_cuda(const at::Tensor& gr
                                                             const std::optional<at::Tensor>& cu_seqlens,
                                                             const at::Tensor& out, const at::Tensor& stats,
                                                             double scale) {
+  check_attention_backward(at::kCUDA, "fused_pool::ext_query_attention_bwd", grad_out, x, std::nullopt, query, mask,
+                           cu_seqlens, out, stats);
   const c10::cuda::CUDAGuard guard(x.device());
   const Batch batch = make_batch(x, mask, cu_seqlens);
   const Geometry& g = batch.geometry;
   if (g.num_rows == 0 || g.hidden == 0 || g.num_seqs == 0) {
     return {at::zeros(x.sizes(), x.options()), at::zeros_like(query)};
   }
-  const at::Tensor query_acc = query.to(out.scalar_type()).contiguous();
+  const at::Tensor query_acc = contiguous_aligned(query.to(out.scalar_type()));
   auto [dx, ds] = attention_grads(grad_out, x, batch, at::Tensor(), query_acc, out, stats, scale);
   // dquery: per-chunk partials of scale * ds * x, summed over chunks in order (deterministic).
   cuda::QueryGradient args{};
@@ -167,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor> query_attention_bwd_cuda(const at::Tensor& gr
   const int64_t num_chunks = cuda::ceil_div(g.num_rows, args.rows_per_chunk);
   at::Tensor partials = at::empty({num_chunks, g.hidden}, out.options());
   args.partials = partials.mutable_data_ptr();
-  cuda::query_gradient(args, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launched(cuda::query_gradient(args, c10::cuda::getCurrentCUDAStream()), "fused_pool::ext_query_attention_bwd",
+                 x.sizes());
   return {dx, partials.sum(0).view(query.sizes()).to(query.scalar_type())};
 }
 

@@ -33,6 +33,21 @@ inline int vector_width(const Geometry& g, const void* data, int64_t element_siz
   return aligned ? static_cast<int>(vec) : 1;
 }
 
+// t contiguous with its data 16-byte aligned (a copy only for a view that starts misaligned): the
+// kernels read such small (B, H)-sized buffers with 16-byte vector loads.
+inline at::Tensor contiguous_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+// Raises the error of a launcher that found the work too large for a CUDA grid.
+inline void check_launched(bool launched, const char* op, at::IntArrayRef x_shape) {
+  TORCH_CHECK(launched, op, ": x of shape ", x_shape,
+              " needs more thread blocks than a CUDA grid holds (2^31 - 1 along the row / sequence axis)");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Streaming multiprocessors of the current device (queried once per device).
 inline int64_t multiprocessors() {
   constexpr int kMaxDevices = 64;
@@ -58,10 +73,11 @@ inline cuda::SplitPlan plan_on_device(const Batch& batch, std::optional<int64_t>
   cuda::SplitPlan plan =
       cuda::plan_split(g.num_seqs, g.num_rows, longest_sequence(g, max_seqlen), channel_tiles, multiprocessors(), g.varlen);
   if (plan.split && g.varlen) {
-    offsets_storage = at::empty({g.num_seqs + 1}, options.dtype(at::kInt));
-    cuda::chunk_offsets(batch.cu_seqlens, g.num_seqs, g.num_rows, plan.chunk_rows, offsets_storage.mutable_data_ptr<int32_t>(),
-                        c10::cuda::getCurrentCUDAStream());
-    plan.chunk_offsets = offsets_storage.const_data_ptr<int32_t>();
+    offsets_storage = at::empty({g.num_seqs + 1}, options.dtype(at::kLong));
+    cuda::chunk_offsets(batch.cu_seqlens, g.num_seqs, g.num_rows, plan.chunk_rows, plan.num_chunks,
+                        offsets_storage.mutable_data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    plan.chunk_offsets = offsets_storage.const_data_ptr<int64_t>();
   }
   return plan;
 }

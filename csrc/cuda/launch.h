@@ -24,7 +24,7 @@ struct SplitPlan {
   int64_t chunk_rows = 0;   // rows per chunk when split
   int64_t splits = 1;       // padded: chunks per sequence
   int64_t num_chunks = 0;   // blocks along the sequence axis (varlen: an upper bound)
-  const int32_t* chunk_offsets = nullptr;  // varlen: (B + 1,) prefix sums of chunks per sequence
+  const int64_t* chunk_offsets = nullptr;  // varlen: (B + 1,) prefix sums of chunks per sequence, <= num_chunks
 };
 
 // Sequences longer than a balanced share of the work are split into chunks (the same rule as
@@ -32,12 +32,15 @@ struct SplitPlan {
 inline SplitPlan plan_split(int64_t num_seqs, int64_t num_rows, int64_t longest, int64_t channel_tiles,
                             int64_t num_sms, bool varlen) {
   constexpr int64_t kMinChunkRows = 128, kBlocksPerSm = 8, kRowStep = 32;
+  // The kernels count a block's rows in int32: chunks stay below 2^30 rows, and varlen input with
+  // 2^31 rows or more is always split (a max_seqlen hint may understate the longest sequence).
+  constexpr int64_t kMaxChunkRows = int64_t{1} << 30, kMaxBlockRows = (int64_t{1} << 31) - 1;
   SplitPlan plan;
   plan.num_chunks = num_seqs;
   const int64_t blocks = 2 * num_sms * kBlocksPerSm;
   const int64_t share = ceil_div(num_rows * channel_tiles, blocks);
-  const int64_t chunk_rows = std::max(kMinChunkRows, ceil_div(share, kRowStep) * kRowStep);
-  if (longest <= chunk_rows) return plan;
+  const int64_t chunk_rows = std::min(kMaxChunkRows, std::max(kMinChunkRows, ceil_div(share, kRowStep) * kRowStep));
+  if (longest <= chunk_rows && !(varlen && num_rows > kMaxBlockRows)) return plan;
   plan.split = true;
   plan.chunk_rows = chunk_rows;
   if (!varlen) {
@@ -51,9 +54,15 @@ inline SplitPlan plan_split(int64_t num_seqs, int64_t num_rows, int64_t longest,
   return plan;
 }
 
-// offsets[0] = 0, offsets[b + 1] = sum over sequences <= b of ceil(len / chunk_rows).
-void chunk_offsets(IndexView cu_seqlens, int64_t num_seqs, int64_t num_rows, int64_t chunk_rows, int32_t* offsets,
-                   cudaStream_t stream);
+// offsets[0] = 0, offsets[b + 1] = min(num_chunks, sum over sequences <= b of ceil(len / chunk_rows)):
+// scanned in int64 and saturated, so that malformed, overlapping cu_seqlens never give offsets
+// outside the num_chunks allocated.
+void chunk_offsets(IndexView cu_seqlens, int64_t num_seqs, int64_t num_rows, int64_t chunk_rows, int64_t num_chunks,
+                   int64_t* offsets, cudaStream_t stream);
+
+// The launchers below return false, launching nothing, when the work needs more thread blocks than
+// a CUDA grid holds (2^31 - 1 along the row / sequence axis; the channel / head axis is folded into
+// gridDim.y * gridDim.z, up to 65535^2); the glue raises an error then.
 
 struct PoolForward {
   const void* x;
@@ -64,29 +73,29 @@ struct PoolForward {
   int mode;          // kMean | kMax
   void* out;         // (B, H or 2H), x's dtype, contiguous
   void* den;         // (B,) Acc: sum of weights (mean modes)
-  int32_t* argmax;   // (B, H): row of each maximum, -1 when empty (max modes)
+  int32_t* argmax;   // (B, H): index within its sequence of each maximum, -1 when empty (max modes)
   SplitPlan plan;
   void* part_sum;    // (num_chunks, H) Acc, when split
   void* part_den;    // (num_chunks,) Acc
   void* part_max;    // (num_chunks, H) Acc
-  int32_t* part_row; // (num_chunks, H)
+  int32_t* part_row; // (num_chunks, H): index within the sequence
   int vec;           // channels per load: 1, or 16 bytes' worth (then H % vec == 0, aligned rows)
 };
-void pool_forward(const PoolForward& args, cudaStream_t stream);
+[[nodiscard]] bool pool_forward(const PoolForward& args, cudaStream_t stream);
 
 struct PoolBackward {
-  const void* grad;     // (B, H or 2H) Acc, contiguous
+  const void* grad;     // (B, H or 2H) Acc, contiguous, 16-byte aligned
   DType dtype;          // of dx
   Geometry geometry;    // of dx: contiguous (B, L, H) or (T, H)
   MaskView mask;
   IndexView cu_seqlens;
   int mode;
   const void* den;      // (B,) Acc
-  const int32_t* argmax;
+  const int32_t* argmax;  // (B, H) contiguous, 16-byte aligned
   void* dx;
   int vec;
 };
-void pool_backward(const PoolBackward& args, cudaStream_t stream);
+[[nodiscard]] bool pool_backward(const PoolBackward& args, cudaStream_t stream);
 
 // attention_pool forward from per-row scores; query mode computes them first with query_scores.
 struct AttentionForward {
@@ -106,9 +115,10 @@ struct AttentionForward {
   void* part_acc;      // (num_chunks, H) Acc
   int vec;             // 1, or 16 bytes' worth dividing head_dim
 };
-void attention_forward(const AttentionForward& args, cudaStream_t stream);
+[[nodiscard]] bool attention_forward(const AttentionForward& args, cudaStream_t stream);
 
-// scores[row, k] = scale * (x_row, head k) . query[k] for kept rows.
+// scores[row, k] = scale * (x_row, head k) . query[k] for every row (varlen: 0 <= t < T, whatever the
+// sequences), -inf where the mask is 0: every score the forward reads is written.
 struct QueryScores {
   const void* x;
   DType dtype;
@@ -122,20 +132,20 @@ struct QueryScores {
   void* scores;        // (num_rows, nh) Acc
   int vec;
 };
-void query_scores(const QueryScores& args, cudaStream_t stream);
+[[nodiscard]] bool query_scores(const QueryScores& args, cudaStream_t stream);
 
 // Per row and head: p = exp(s - m) / l, ds = p * g . (x - out); dx = p * g (+ ds * scale * q).
 struct AttentionBackward {
-  const void* grad;    // (B, H) Acc, contiguous
+  const void* grad;    // (B, H) Acc, contiguous, 16-byte aligned
   const void* x;
   DType dtype;
   Geometry geometry;
   MaskView mask;
   IndexView cu_seqlens;
   const void* scores;  // (num_rows, nh) Acc, or nullptr in query mode (recomputed from query)
-  const void* query;   // (nh, D) Acc in query mode, else nullptr
+  const void* query;   // (nh, D) Acc in query mode, else nullptr; contiguous, 16-byte aligned
   double scale;
-  const void* out;     // (B, H) Acc
+  const void* out;     // (B, H) Acc, contiguous, 16-byte aligned
   const void* stats;   // (B, nh, 2) Acc
   int64_t num_heads;
   int64_t head_dim;
@@ -143,7 +153,7 @@ struct AttentionBackward {
   void* ds;            // (num_rows, nh) Acc: dscores (0 for rows not kept)
   int vec;
 };
-void attention_backward(const AttentionBackward& args, cudaStream_t stream);
+[[nodiscard]] bool attention_backward(const AttentionBackward& args, cudaStream_t stream);
 
 // partials[chunk, c] = scale * sum over rows r of the chunk of ds[r, head(c)] * x[r, c]: the
 // per-chunk terms of dquery, summed in chunk order by the caller (deterministic).
@@ -160,7 +170,7 @@ struct QueryGradient {
   void* partials;      // (ceil(num_rows / rows_per_chunk), H) Acc
   int vec;
 };
-void query_gradient(const QueryGradient& args, cudaStream_t stream);
+[[nodiscard]] bool query_gradient(const QueryGradient& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fused_pool

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "../host.h"
 #include "glue.h"
 #include "launch.h"
@@ -13,6 +14,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask,
                                                               const std::optional<at::Tensor>& cu_seqlens,
                                                               std::optional<int64_t> max_seqlen, int64_t mode) {
+  check_pool_forward(at::kCUDA, x, mask, cu_seqlens, max_seqlen, mode);
   const c10::cuda::CUDAGuard guard(x.device());
   const Batch batch = make_batch(x, mask, cu_seqlens);
   const Geometry& g = batch.geometry;
@@ -48,21 +50,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd_cuda(const at::Tensor& x
     args.part_max = part_max.mutable_data_ptr();
     args.part_row = part_row.mutable_data_ptr<int32_t>();
   }
-  cuda::pool_forward(args, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launched(cuda::pool_forward(args, c10::cuda::getCurrentCUDAStream()), "fused_pool::ext_pool_fwd", x.sizes());
   return {out, den, argmax};
 }
 
 at::Tensor pool_bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& mask,
                          const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& den, const at::Tensor& argmax,
                          at::IntArrayRef x_shape, at::ScalarType x_dtype, int64_t mode) {
+  check_pool_backward(at::kCUDA, grad_out, mask, cu_seqlens, den, argmax, x_shape, x_dtype, mode);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   at::Tensor dx = at::empty(x_shape, grad_out.options().dtype(x_dtype));
   const Batch batch = make_batch(dx.sizes(), dx.strides(), mask, cu_seqlens);
   const Geometry& g = batch.geometry;
   if (dx.numel() == 0) return dx;
   if (g.num_seqs == 0) return dx.zero_();
-  const at::Tensor grad = grad_out.to(accumulation_type(x_dtype)).contiguous();
+  // Read with 16-byte vector loads: contiguous and aligned.
+  const at::Tensor grad = contiguous_aligned(grad_out.to(accumulation_type(x_dtype)));
+  const at::Tensor den_c = (mode & kMean) ? den.contiguous() : den;
+  const at::Tensor argmax_c = (mode & kMax) ? contiguous_aligned(argmax) : argmax;
   cuda::PoolBackward args{};
   args.grad = grad.const_data_ptr();
   args.dtype = cuda_dtype(x_dtype);
@@ -70,12 +75,11 @@ at::Tensor pool_bwd_cuda(const at::Tensor& grad_out, const std::optional<at::Ten
   args.mask = batch.mask;
   args.cu_seqlens = batch.cu_seqlens;
   args.mode = static_cast<int>(mode);
-  args.den = (mode & kMean) ? den.const_data_ptr() : nullptr;
-  args.argmax = (mode & kMax) ? argmax.const_data_ptr<int32_t>() : nullptr;
+  args.den = (mode & kMean) ? den_c.const_data_ptr() : nullptr;
+  args.argmax = (mode & kMax) ? argmax_c.const_data_ptr<int32_t>() : nullptr;
   args.dx = dx.mutable_data_ptr();
   args.vec = vector_width(g, args.dx, dx.element_size(), g.hidden);
-  cuda::pool_backward(args, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launched(cuda::pool_backward(args, c10::cuda::getCurrentCUDAStream()), "fused_pool::ext_pool_bwd", x_shape);
   return dx;
 }
 

@@ -31,6 +31,7 @@ from . import wide_query
 from .segments import (
     accumulation_dtype,
     channel_block,
+    check_padded_length,
     geometry,
     kernel_mask,
     launches_on_input_device,
@@ -38,6 +39,7 @@ from .segments import (
     program_chunk,
     resident_programs,
     row_sequence,
+    rows_fit_int32,
     search_iters,
     sequence_chunks,
 )
@@ -230,6 +232,7 @@ def _attention_bwd_kernel(
     QUERY: tl.constexpr,
     HAS_MASK: tl.constexpr,
     VARLEN: tl.constexpr,
+    ROWS_INT32: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -247,7 +250,7 @@ def _attention_bwd_kernel(
     for r0 in range(first, last, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         seq, position, _index, keep = row_sequence(
-            rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN
+            r0, rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN, ROWS_INT32
         )
         keep = keep & (rows < last)
         if HAS_MASK:
@@ -455,6 +458,8 @@ def attention_backward(
     other = query if is_query else scores
     if num_rows == 0 or hidden == 0 or num_seqs == 0:
         return dx.zero_(), torch.zeros(other.shape, dtype=other.dtype, device=other.device)
+    if not varlen:
+        check_padded_length(seq_len)
     grad_out = grad_out.to(out.dtype).contiguous()
     block_d, block_r, num_warps = _blocks(head_dim, is_query)
     if not is_query:
@@ -492,6 +497,7 @@ def attention_backward(
             search_iters(num_seqs),
             HAS_MASK=mask is not None,
             VARLEN=varlen,
+            ROWS_INT32=rows_fit_int32(num_rows, block_r),
             ACC_DTYPE=accumulation_dtype(out.dtype),
             BLOCK_R=block_r,
             BLOCK_D=block_d,
@@ -525,6 +531,7 @@ def attention_backward(
         QUERY=is_query,
         HAS_MASK=mask is not None,
         VARLEN=varlen,
+        ROWS_INT32=rows_fit_int32(num_rows, block_r),
         ACC_DTYPE=accumulation_dtype(out.dtype),
         BLOCK_R=block_r,
         BLOCK_D=block_d,

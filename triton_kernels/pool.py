@@ -23,12 +23,14 @@ import triton.language as tl
 from .segments import (
     accumulation_dtype,
     channel_block,
+    check_padded_length,
     geometry,
     kernel_mask,
     launches_on_input_device,
     plan_split,
     program_chunk,
     row_sequence,
+    rows_fit_int32,
     search_iters,
     sequence_chunks,
 )
@@ -325,15 +327,17 @@ def _pool_bwd_kernel(
     HAS_MASK: tl.constexpr,
     WEIGHTED: tl.constexpr,
     VARLEN: tl.constexpr,
+    ROWS_INT32: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tile_start = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rows = tile_start + tl.arange(0, BLOCK_R)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_in = offs_h < H
     seq, position, index, keep = row_sequence(
-        rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN
+        tile_start, rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN, ROWS_INT32
     )
     if HAS_MASK:
         m = tl.load(mask_ptr + seq.to(tl.int64) * stride_mb + position * stride_mr, mask=keep, other=0)
@@ -471,6 +475,8 @@ def pool_backward(
         return dx
     if num_seqs == 0:
         return dx.zero_()
+    if not varlen:
+        check_padded_length(x_shape[1])
     grad_out = grad_out.contiguous()
     mask_view, mask_strides = kernel_mask(mask)
     block_h = channel_block(hidden)
@@ -494,6 +500,7 @@ def pool_backward(
         HAS_MASK=mask is not None,
         WEIGHTED=_weighted(mask, mode),
         VARLEN=varlen,
+        ROWS_INT32=rows_fit_int32(num_rows, block_r),
         ACC_DTYPE=accumulation_dtype(x_dtype),
         BLOCK_R=block_r,
         BLOCK_H=block_h,

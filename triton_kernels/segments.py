@@ -110,10 +110,21 @@ def sequence_chunks(seq, chunk_offsets_ptr, splits, num_chunks, VARLEN: tl.const
 
 
 @triton.jit
-def row_sequence(rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN: tl.constexpr):
-    """For a vector of global rows (int64): the sequence of each row, its row as the forward
-    addresses it (l padded, t varlen), its index within the sequence (l padded, t - start varlen)
-    and whether the row belongs to its sequence at all."""
+def row_sequence(
+    tile_start,
+    rows,
+    cu_seqlens_ptr,
+    num_seqs,
+    seq_len,
+    num_rows,
+    search_iters,
+    VARLEN: tl.constexpr,
+    ROWS_INT32: tl.constexpr,
+):
+    """For a vector of global rows (int64) from tile_start on: the sequence of each row, its row as
+    the forward addresses it (l padded, t varlen), its index within the sequence (l padded,
+    t - start varlen) and whether the row belongs to its sequence at all. ROWS_INT32: every row
+    index fits int32 (rows_fit_int32)."""
     if VARLEN:
         seq = last_at_or_below(cu_seqlens_ptr, num_seqs, rows, search_iters)
         start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -124,8 +135,16 @@ def row_sequence(rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters
         index = rows - start
         inside = (rows >= start) & (rows < end)
     else:
-        seq = (rows // seq_len).to(tl.int32)
-        position = rows % seq_len
+        # rows = tile_start + [0, BLOCK): one division for the tile, int32 ones for its rows. An int64
+        # division calls a subroutine whose frame is a stack spill: only when B * L >= 2^31.
+        if ROWS_INT32:
+            first_seq = (tl.cast(tile_start, tl.int32) // seq_len).to(tl.int64)
+        else:
+            first_seq = tile_start // seq_len
+        offset = (rows - first_seq * seq_len).to(tl.int32)  # < seq_len + BLOCK <= 2^31 (launchers check)
+        step = offset // seq_len
+        seq = first_seq.to(tl.int32) + step
+        position = (offset - step * seq_len).to(tl.int64)
         index = position
         inside = rows < num_rows
     return seq, position, index, inside
@@ -146,6 +165,21 @@ def _chunk_offsets_kernel(cu_seqlens_ptr, offsets_ptr, num_seqs, num_rows, chunk
         chunks = ((end - start + chunk_rows - 1) // chunk_rows).to(tl.int32)
         tl.store(offsets_ptr + seqs + 1, tl.cumsum(chunks, 0) + carry, mask=valid)
         carry += tl.sum(chunks, 0)
+
+
+def rows_fit_int32(num_rows: int, block_rows: int) -> bool:
+    return num_rows + block_rows < 2**31
+
+
+# Padded backward kernels count a tile's rows from its first sequence in int32 (row_sequence).
+MAX_PADDED_LENGTH = 2**31 - 2**16
+
+
+def check_padded_length(length: int) -> None:
+    if length > MAX_PADDED_LENGTH:
+        raise ValueError(
+            f"padded sequences of more than {MAX_PADDED_LENGTH} positions are not supported, got L = {length}"
+        )
 
 
 class SplitPlan(NamedTuple):

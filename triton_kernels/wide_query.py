@@ -168,6 +168,7 @@ def wide_query_bwd_kernel(
     search_iters,
     HAS_MASK: tl.constexpr,
     VARLEN: tl.constexpr,
+    ROWS_INT32: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -183,7 +184,7 @@ def wide_query_bwd_kernel(
     for r0 in range(first, last, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         seq, position, _index, keep = row_sequence(
-            rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN
+            r0, rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN, ROWS_INT32
         )
         keep = keep & (rows < last)
         if HAS_MASK:

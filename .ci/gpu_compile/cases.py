@@ -1,0 +1,102 @@
+"""The matrix of calls whose Triton specializations must compile: every public op, forward and
+backward, through the public functions (their checks and argument handling included), so that
+every specialization the real launchers produce is seen.
+
+Sizes that map to the same constexpr blocks give the same specialization; the checker compiles
+each distinct one once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import torch
+
+# Hidden size for the pool ops, head size for the attention ops (H = size * heads).
+SIZES = (64, 768, 1000, 4096, 8192, 16384)
+HEADS = (1, 12)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# int64 (what tokenizers give) differs from bool only in the mask pointer's type: left out for time.
+MASKS = ("none", "bool", "float")
+POOL_MODES = ("mean", "max", "mean_max")
+
+# Split: a few long sequences (the split plan spreads each over many programs). 2048 rows split on
+# every size and head count for 108 / 132 SMs. No split: short sequences, one program each.
+SPLIT_LEN = 2048
+SHORT_LEN = 100  # padded L; varlen: 4 sequences of 100 with the max_seqlen hint
+
+
+class Case(NamedTuple):
+    op: str  # mean | max | mean_max | attention | query_attention
+    layout: str  # padded | varlen
+    mask: str  # none | bool | float | int64 (varlen: none, or float weights where the API takes them)
+    split: bool
+    dtype: str
+    size: int  # hidden size (pool) or head size (attention)
+    heads: int
+
+    def label(self) -> str:
+        size = f"H={self.size}" if self.heads == 0 else f"D={self.size} nh={self.heads}"
+        split = "split" if self.split else "nosplit"
+        return f"{self.op} {self.layout} mask={self.mask} {split} {self.dtype} {size}"
+
+
+def all_cases() -> list[Case]:
+    cases = []
+    for op in (*POOL_MODES, "attention", "query_attention"):
+        heads = HEADS if "attention" in op else (0,)
+        for layout, mask, split, dtype, size, nh in itertools.product(
+            ("padded", "varlen"), MASKS, (True, False), DTYPES, SIZES, heads
+        ):
+            if layout == "varlen" and mask != "none" and not (op == "mean" and mask == "float"):
+                continue  # varlen has no padding; only masked_mean takes a mask there (weights)
+            cases.append(Case(op, layout, mask, split, dtype, size, nh))
+    return cases
+
+
+def _mask(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return torch.ones(shape, dtype=torch.bool)
+    if kind == "int64":
+        return torch.ones(shape, dtype=torch.int64)
+    return torch.ones(shape, dtype=dtype)  # float: weights for the mean, keep-if-nonzero elsewhere
+
+
+def inputs(case: Case):
+    """(function name in fused_pool, positional args, keyword args, tensors that get a gradient).
+
+    x is allocated, never filled: the kernels are compiled, not run (the memory stays virtual).
+    """
+    dtype = DTYPES[case.dtype]
+    hidden = case.size * max(case.heads, 1)
+    kwargs = {}
+    if case.layout == "padded":
+        batch, length = (1, SPLIT_LEN) if case.split else (4, SHORT_LEN)
+        x = torch.empty(batch, length, hidden, dtype=dtype)
+        tokens = (batch, length)
+        mask = _mask(case.mask, tokens, dtype)
+    else:
+        if case.split:  # two long sequences, no max_seqlen hint
+            lengths = [SPLIT_LEN // 2, SPLIT_LEN // 2]
+        else:
+            lengths = [SHORT_LEN] * 4
+            kwargs["max_seqlen"] = SHORT_LEN
+        total = sum(lengths)
+        x = torch.empty(total, hidden, dtype=dtype)
+        tokens = (total,)
+        kwargs["cu_seqlens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        mask = _mask(case.mask, tokens, dtype)
+    x.requires_grad_(True)
+    if case.op in POOL_MODES:
+        name = {"mean": "masked_mean", "max": "masked_max", "mean_max": "masked_mean_max"}[case.op]
+        return name, (x, mask), kwargs, (x,)
+    if case.op == "attention":
+        shape = tokens if case.heads == 1 else (*tokens, case.heads)
+        scores = torch.empty(shape, dtype=dtype, requires_grad=True)
+        return "attention_pool", (x, scores, mask), kwargs, (x, scores)
+    query_shape = (hidden,) if case.heads == 1 else (case.heads, case.size)
+    query = torch.empty(query_shape, dtype=dtype, requires_grad=True)
+    return "query_attention_pool", (x, query, mask), kwargs, (x, query)

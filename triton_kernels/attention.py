@@ -473,62 +473,7 @@ def attention_backward(
         dscores = torch.empty(scores.shape, dtype=scores.dtype, device=x.device)
         dquery_parts = stats  # unused
     mask_view, mask_strides = kernel_mask(mask)
-    if _is_wide(head_dim, is_query):
-        wide_query.wide_query_bwd_kernel[(num_programs, num_heads)](
-            grad_out,
-            x,
-            query,
-            mask_view if mask is not None else x,
-            cu_seqlens if varlen else x,
-            stats,
-            out,
-            dx,
-            dquery_parts,
-            num_seqs,
-            seq_len,
-            num_rows,
-            hidden,
-            head_dim,
-            num_heads,
-            scale,
-            rows_per_program,
-            *x_strides,
-            *mask_strides,
-            search_iters(num_seqs),
-            HAS_MASK=mask is not None,
-            VARLEN=varlen,
-            ROWS_INT32=rows_fit_int32(num_rows, block_r),
-            ACC_DTYPE=accumulation_dtype(out.dtype),
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
-        return dx, dquery_parts.sum(0).view(query.shape).to(query.dtype)
-    _attention_bwd_kernel[(num_programs, num_heads)](
-        grad_out,
-        x,
-        scores if scores is not None else x,
-        query if is_query else x,
-        mask_view if mask is not None else x,
-        cu_seqlens if varlen else x,
-        stats,
-        out,
-        dx,
-        dscores,
-        dquery_parts,
-        num_seqs,
-        seq_len,
-        num_rows,
-        hidden,
-        head_dim,
-        num_heads,
-        scale,
-        rows_per_program,
-        *x_strides,
-        *(_score_strides(scores, varlen) if scores is not None else (0, 0, 0)),
-        *mask_strides,
-        search_iters(num_seqs),
-        QUERY=is_query,
+    flags = dict(
         HAS_MASK=mask is not None,
         VARLEN=varlen,
         ROWS_INT32=rows_fit_int32(num_rows, block_r),
@@ -537,6 +482,46 @@ def attention_backward(
         BLOCK_D=block_d,
         num_warps=num_warps,
     )
+    sizes = (num_seqs, seq_len, num_rows, hidden, head_dim, num_heads, scale, rows_per_program)
+    mask_arg, cu_arg = mask_view if mask is not None else x, cu_seqlens if varlen else x
+    if _is_wide(head_dim, is_query):
+        wide_query.wide_query_bwd_kernel[(num_programs, num_heads)](
+            grad_out,
+            x,
+            query,
+            mask_arg,
+            cu_arg,
+            stats,
+            out,
+            dx,
+            dquery_parts,
+            *sizes,
+            *x_strides,
+            *mask_strides,
+            search_iters(num_seqs),
+            **flags,
+        )
+    else:
+        _attention_bwd_kernel[(num_programs, num_heads)](
+            grad_out,
+            x,
+            scores if scores is not None else x,
+            query if is_query else x,
+            mask_arg,
+            cu_arg,
+            stats,
+            out,
+            dx,
+            dscores,
+            dquery_parts,
+            *sizes,
+            *x_strides,
+            *(_score_strides(scores, varlen) if scores is not None else (0, 0, 0)),
+            *mask_strides,
+            search_iters(num_seqs),
+            QUERY=is_query,
+            **flags,
+        )
     if is_query:
         # Fixed-order sum of the per-program partials: deterministic, no atomics.
         return dx, dquery_parts.sum(0).view(query.shape).to(query.dtype)

@@ -78,8 +78,8 @@ class ArgChecks {
     return {false, sizes[0], sizes[1], sizes[0] * sizes[1], sizes[2]};
   }
 
-  // mask: (B, L) padded; varlen the per-token weights (T,) where `per_token` ops take them, else None.
-  void mask(const std::optional<at::Tensor>& mask, const Dims& d, bool per_token) const {
+  // mask: (B, L) padded, per-token (T,) varlen.
+  void mask(const std::optional<at::Tensor>& mask, const Dims& d) const {
     if (!mask.has_value()) return;
     device("mask", *mask);
     TORCH_CHECK(!mask->is_complex(), op_, ": mask must be bool, integer or floating, got ", mask->scalar_type());
@@ -87,7 +87,6 @@ class ArgChecks {
       shape("mask", *mask, {d.num_seqs, d.seq_len}, "(B, L)");
       return;
     }
-    TORCH_CHECK(per_token, op_, ": mask must be None when cu_seqlens is given");
     shape("mask", *mask, {d.num_rows}, "(T,)");
   }
 
@@ -95,9 +94,12 @@ class ArgChecks {
     TORCH_CHECK(!max_seqlen.has_value() || *max_seqlen >= 0, op_, ": max_seqlen must be >= 0, got ", *max_seqlen);
   }
 
-  void mode(int64_t mode) const {
-    TORCH_CHECK(mode == kMean || mode == kMax || mode == (kMean | kMax), op_,
-                ": mode must be 1 (mean), 2 (max) or 3 (mean_max), got ", mode);
+  // 1 (mean), 2 (max) or 3 (mean_max); a forward may add 4 (states).
+  void mode(int64_t mode, bool forward) const {
+    const int64_t reduction = forward ? (mode & ~int64_t(kStates)) : mode;
+    TORCH_CHECK(reduction == kMean || reduction == kMax || reduction == (kMean | kMax), op_,
+                ": mode must be 1 (mean), 2 (max) or 3 (mean_max)", forward ? ", plus 4 (states)," : "", " got ",
+                mode);
   }
 
   // Heads of attention: nh >= 1 dividing H.
@@ -117,9 +119,9 @@ inline void check_pool_forward(at::DeviceType kernel, const at::Tensor& x, const
                                const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen,
                                int64_t mode) {
   const ArgChecks c("fused_pool::ext_pool_fwd", kernel, "x", x);
-  c.mode(mode);
+  c.mode(mode, true);
   const Dims d = c.x("x", x.sizes(), x.scalar_type(), cu_seqlens);
-  c.mask(mask, d, true);
+  c.mask(mask, d);
   c.max_seqlen(max_seqlen);
   // argmax holds a row's index within its sequence in int32.
   TORCH_CHECK(!(mode & kMax) || d.varlen || d.seq_len <= INT32_MAX, c.op(),
@@ -132,9 +134,9 @@ inline void check_pool_backward(at::DeviceType kernel, const at::Tensor& grad_ou
                                 const at::Tensor& den, const at::Tensor& argmax, at::IntArrayRef x_shape,
                                 at::ScalarType x_dtype, int64_t mode) {
   const ArgChecks c("fused_pool::ext_pool_bwd", kernel, "grad_out", grad_out);
-  c.mode(mode);
+  c.mode(mode, false);
   const Dims d = c.x("x_shape / x_dtype", x_shape, x_dtype, cu_seqlens);
-  c.mask(mask, d, true);
+  c.mask(mask, d);
   c.device("grad_out", grad_out);
   c.floating("grad_out", grad_out.scalar_type());
   c.shape("grad_out", grad_out, {d.num_seqs, d.hidden * (mode == (kMean | kMax) ? 2 : 1)},
@@ -152,7 +154,7 @@ inline void check_pool_backward(at::DeviceType kernel, const at::Tensor& grad_ou
 }
 
 // ext_attention_fwd (scores (B, L, nh) / (T, nh)) and ext_query_attention_fwd (query (nh, H / nh));
-// returns nh. Varlen takes no mask.
+// returns nh. Varlen takes a per-token mask (T,), as pool does.
 inline int64_t check_attention_forward(at::DeviceType kernel, const char* op, const at::Tensor& x,
                                        const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& query,
                                        const std::optional<at::Tensor>& mask,
@@ -160,7 +162,7 @@ inline int64_t check_attention_forward(at::DeviceType kernel, const char* op, co
                                        std::optional<int64_t> max_seqlen) {
   const ArgChecks c(op, kernel, "x", x);
   const Dims d = c.x("x", x.sizes(), x.scalar_type(), cu_seqlens);
-  c.mask(mask, d, false);
+  c.mask(mask, d);
   c.max_seqlen(max_seqlen);
   if (query.has_value()) {
     c.device("query", *query);

@@ -27,9 +27,11 @@ struct Geometry {
   bool varlen;
 };
 
-// Pool modes: bit 1 = mean, bit 2 = max (mean_max = both).
+// Pool modes: bit 1 = mean, bit 2 = max (mean_max = both). Forward only, bit 4 = states: `out` holds
+// the partial states in the accumulation type, the mean half sum(w x) undivided (fused_pool/partials.py).
 constexpr int kMean = 1;
 constexpr int kMax = 2;
+constexpr int kStates = 4;
 
 // cu_seqlens as the caller gave it: int32 or int64, contiguous.
 struct IndexView {

@@ -12,7 +12,9 @@ and the pieces of a sequence combine, in sequence-position order, into the state
 sequence, exactly as the kernels' split paths fold their chunks (same tie rules: the first maximal
 position wins, a NaN wins over numbers; split softmax merges with weights l_k exp(m_k - M)).
 
-The states come from any backend's forward outputs (`pool_states`, `softmax_state`); the combines
+The states come from any backend's forward kernels: the pool forward with the STATES mode bit
+(`pool_states`: float32 / float64 sums, not means rebuilt from a rounded output) and the attention
+forward as it is (`softmax_state`: its output and (m, l) are the state). The combines
 take them stacked along a leading piece axis in position order and fold that axis with elementwise
 operations in a fixed order, so that the result is bitwise the same on every device that runs it.
 fused_pool.distributed all-gathers these states across ranks; the fused kernels' own split paths
@@ -26,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .specs import MAX, MEAN, accumulation_dtype
+from .specs import MAX, MEAN, MEAN_MAX
 
 
 class MeanState(NamedTuple):
@@ -52,13 +54,12 @@ class TokenState(NamedTuple):
 def pool_states(
     outputs: tuple[Tensor, Tensor, Tensor], mode: int
 ) -> tuple[MeanState | None, MaxState | None]:
-    """The states of a pool forward's (out, den, argmax). The mean's sum is rebuilt as mean * den:
-    exact to the rounding of out (x's dtype), as the kernels return no float32 sums."""
+    """The states of a pool forward run with mode | STATES: (out, den, argmax), out in the
+    accumulation dtype with the mean half sum(w x), as every backend's kernels write it."""
     out, den, argmax = outputs
-    acc = accumulation_dtype(out.dtype)
-    hidden = argmax.shape[-1] if mode & MAX else out.shape[-1]
-    mean = MeanState(out[..., :hidden].to(acc) * den[..., None], den) if mode & MEAN else None
-    maximum = MaxState(out[..., -hidden:].to(acc), argmax) if mode & MAX else None
+    hidden = out.shape[-1] // 2 if mode & MEAN_MAX == MEAN_MAX else out.shape[-1]
+    mean = MeanState(out[..., :hidden], den) if mode & MEAN else None
+    maximum = MaxState(out[..., -hidden:], argmax) if mode & MAX else None
     return mean, maximum
 
 

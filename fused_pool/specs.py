@@ -9,7 +9,9 @@ A kind is a forward / backward kernel pair with one schema on every backend:
     query_attention: (x, query, mask, cu_seqlens, max_seqlen, scale) -> (out, stats)
                      backward: (grad_out, x, query, mask, cu_seqlens, out, stats, scale) -> (dx, dquery)
 
-pool `mode` is MEAN, MAX or MEAN_MAX. `out` is (B, H) (mean_max: (B, 2H)) in x's dtype; `den` is the
+pool `mode` is MEAN, MAX or MEAN_MAX, and a forward may add STATES: then `out` holds the partial
+states (fused_pool.partials) in the accumulation dtype, its mean half the sum of w x, not divided by
+den. Otherwise `out` is (B, H) (mean_max: (B, 2H)) in x's dtype; `den` is the
 sum of weights per sequence (B,) in the accumulation dtype (mean modes, else empty); `argmax` is
 the int32 (B, H) index of the winning token within its sequence (l padded, t - start varlen; -1 for
 an empty sequence) (max modes, else empty). The pool backward computes dx = w g / den[seq] (0 where
@@ -18,7 +20,8 @@ den == 0) and dx = g where the token's index is argmax[seq, h]. A varlen mask is
 Attention `out` is (B, H) in the accumulation dtype (the caller casts it to x's dtype) and `stats`
 the (B, nh, 2) softmax (m, l); scores are (B, L, nh) / (T, nh) and query (nh, H / nh). The backward
 recomputes p = exp(s - m) / l from the stats it is given (0 where l == 0), with
-ds = p g . (x - out).
+ds = p g . (x - out). A varlen mask is per-token (T,) here too (the distributed ops drop padding
+with it); the public single-device ops take none.
 
 Because every backward reads only these saved states, a caller may substitute other states for the
 ones its forward returned: the distributed ops (fused_pool.distributed) run the local backward
@@ -43,6 +46,7 @@ from . import python_kernels
 from .backends import BACKENDS
 
 MEAN, MAX, MEAN_MAX = 1, 2, 3  # pool mode bits: 1 = mean, 2 = max
+STATES = 4  # forward only: out holds the partial states (sum of w x, max) in the accumulation dtype
 
 EXTENSION = "extension"  # a backend table entry: the extension's registered C++ ops
 
@@ -66,7 +70,6 @@ class OpSpec:
     save: Callable[..., None]  # setup_context(ctx, inputs, output): what backward needs
     input_grads: Callable[..., tuple]  # (ctx, backward kernel, grad_out) -> one gradient per input
     backends: dict[str, tuple[Callable, Callable] | str]  # backend -> (forward, backward) or EXTENSION
-    varlen_mask_backends: frozenset[str]  # backends whose kernels take a per-token varlen mask (T,)
 
 
 # --- pool -----------------------------------------------------------------------------------------
@@ -75,7 +78,7 @@ class OpSpec:
 def _pool_save(ctx, inputs, output) -> None:
     x, mask, cu_seqlens, _max_seqlen, mode = inputs
     ctx.save_for_backward(mask, cu_seqlens, output[1], output[2])
-    ctx.x_shape, ctx.x_dtype, ctx.mode = list(x.shape), x.dtype, mode
+    ctx.x_shape, ctx.x_dtype, ctx.mode = list(x.shape), x.dtype, mode & MEAN_MAX
 
 
 def _pool_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
@@ -86,7 +89,8 @@ def _pool_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
 
 def _pool_fake_forward(x, mask, cu_seqlens, max_seqlen, mode):
     batch, hidden = num_seqs(x, cu_seqlens), x.shape[-1]
-    out = x.new_empty(batch, 2 * hidden if mode == MEAN_MAX else hidden)
+    out_dtype = accumulation_dtype(x.dtype) if mode & STATES else x.dtype
+    out = x.new_empty(batch, 2 * hidden if mode & MEAN_MAX == MEAN_MAX else hidden, dtype=out_dtype)
     den = x.new_empty(batch if mode & MEAN else 0, dtype=accumulation_dtype(x.dtype))
     argmax = x.new_empty((batch, hidden) if mode & MAX else (0,), dtype=torch.int32)
     return out, den, argmax
@@ -115,7 +119,6 @@ POOL = OpSpec(
         "cpu": EXTENSION,
         "cuda": EXTENSION,
     },
-    varlen_mask_backends=frozenset({"triton", "torch", "cpu", "cuda"}),
 )
 
 
@@ -150,8 +153,6 @@ _ATTENTION_COMMON = dict(
     fake_backward=_attention_fake_backward,
     save=_attention_save,
     input_grads=_attention_input_grads,
-    # The extension's attention kernels take no varlen mask (csrc/checks.h).
-    varlen_mask_backends=frozenset({"triton", "torch"}),
 )
 
 ATTENTION = OpSpec(

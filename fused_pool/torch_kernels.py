@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .padding import segment_bounds
-from .specs import MAX, MEAN, accumulation_dtype
+from .specs import MAX, MEAN, STATES, accumulation_dtype
 
 _NO_INDEX = torch.iinfo(torch.int64).max
 
@@ -92,11 +92,13 @@ def _expand(flags: Tensor, like: Tensor) -> Tensor:
 # --- pool -----------------------------------------------------------------------------------------
 
 
-def _mean(x: Tensor, seg: Segments, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(mean (B, H), sum of weights (B,)); 0 where the weights sum to 0."""
+def _mean(x: Tensor, seg: Segments, acc: torch.dtype, states: bool) -> tuple[Tensor, Tensor]:
+    """(mean (B, H), 0 where the weights sum to 0; or with `states` the sum of w x), sum of w (B,)."""
     weight = seg.weight
     weighted = torch.where(_expand(seg.keep, x), x.to(acc) * _expand(weight, x), 0)
     total, den = seg.sum(weighted), seg.sum(weight)
+    if states:
+        return total, den
     nonzero = den != 0
     return torch.where(nonzero[:, None], total / torch.where(nonzero, den, 1)[:, None], 0), den
 
@@ -118,18 +120,18 @@ def _max(x: Tensor, seg: Segments) -> tuple[Tensor, Tensor]:
 
 
 def pool_forward(x: Tensor, mask, cu_seqlens, max_seqlen, mode: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(out (B, H or 2H) in x.dtype, den (B,) if mean else empty, int32 argmax (B, H) if max else
-    empty)."""
+    """(out (B, H or 2H) in x.dtype (STATES: the states in the accumulation dtype), den (B,) if mean
+    else empty, int32 argmax (B, H) if max else empty)."""
     acc = accumulation_dtype(x.dtype)
     seg = Segments(x.shape, mask, cu_seqlens, acc, x.device)
     parts, den, argmax = [], x.new_empty(0, dtype=acc), x.new_empty(0, dtype=torch.int32)
     if mode & MEAN:
-        mean, den = _mean(x, seg, acc)
+        mean, den = _mean(x, seg, acc, bool(mode & STATES))
         parts.append(mean)
     if mode & MAX:
         maximum, argmax = _max(x, seg)
         parts.append(maximum)
-    return torch.cat(parts, -1).to(x.dtype), den, argmax
+    return torch.cat(parts, -1).to(acc if mode & STATES else x.dtype), den, argmax
 
 
 def pool_backward(grad_out, mask, cu_seqlens, den, argmax, x_shape, x_dtype, mode: int) -> Tensor:

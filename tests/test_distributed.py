@@ -19,7 +19,7 @@ import fused_pool
 import fused_pool.distributed as fd
 from fused_pool import partials
 from fused_pool.ops import kernels
-from fused_pool.specs import MAX, MEAN, MEAN_MAX
+from fused_pool.specs import MAX, MEAN, MEAN_MAX, STATES
 
 WORKER = Path(__file__).with_name("distributed_cases.py")
 GROUP_TIMEOUT_S = 300  # the whole group; each collective also times out after 60 s
@@ -102,7 +102,7 @@ def test_pool_chunks_combine_into_the_whole(mode, backend, device):
     means, maxima = [], []
     for start, end in pairwise(cuts):
         mean, maximum = partials.pool_states(
-            pool.forward(x[:, start:end], mask[:, start:end], None, None, mode), mode
+            pool.forward(x[:, start:end], mask[:, start:end], None, None, mode | STATES), mode
         )
         means.append(mean)
         if maximum is not None:  # the state's index counts from the chunk's start

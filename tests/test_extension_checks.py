@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import poisoned_allocations
 
+from fused_pool import reference
 from fused_pool.backends import extension, extension_has_cuda
 
 pytestmark = pytest.mark.skipif(extension() is None, reason="fused_pool._C is not built")
@@ -99,6 +100,8 @@ def _cases():
         ),
         (["ext_pool_fwd", "ext_pool_bwd"], "varlen", "mode", lambda v: 4, r"mode must be .* got 4"),
         (["ext_pool_fwd", "ext_pool_bwd"], "padded", "mode", lambda v: -1, r"mode must be"),
+        (["ext_pool_fwd"], "padded", "mode", lambda v: 8 | MEAN, r"mode must be .* plus 4 \(states\), got 9"),
+        (["ext_pool_bwd"], "padded", "mode", lambda v: 4 | MEAN, r"mode must be .* got 5"),
         # cu_seqlens: dtype, rank, device
         (
             ALL_OPS,
@@ -169,8 +172,8 @@ def _cases():
             ATTENTION_OPS,
             "varlen",
             "mask",
-            lambda v: torch.ones(T),
-            r"mask must be None when cu_seqlens is given",
+            lambda v: torch.ones(1, T),
+            r"mask must be \(T,\)",
         ),
         # max_seqlen
         (FORWARD_OPS, "varlen", "max_seqlen", lambda v: -1, r"max_seqlen must be >= 0, got -1"),
@@ -490,6 +493,46 @@ def test_varlen_weights_keep_nonzero_tokens_for_max_cpu(device):
     kept = x.masked_fill(w[:, None] == 0, -torch.inf)
     torch.testing.assert_close(out.cpu(), torch.stack([kept[:5].max(0).values, kept[5:].max(0).values]))
     assert torch.equal(argmax.cpu(), torch.stack([kept[:5].argmax(0), kept[5:].argmax(0)]).int())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("query_mode", [False, True], ids=["scores", "query"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_attention_varlen_per_token_mask_cpu(device, query_mode, mask_dtype):
+    """A per-token varlen mask (T,) drops tokens, which are never read (NaN there stays out), and
+    equals pooling the kept tokens alone, forward and backward (fused_pool.distributed's zigzag
+    layout drops padding this way)."""
+    gen = torch.Generator().manual_seed(11)
+    cu = torch.tensor([0, 4, 4, 11, 14], dtype=torch.int64)  # lengths 4, 0, 7, 3
+    num_tokens, heads, hidden = 14, 2, 6
+    keep = torch.rand(num_tokens, generator=gen) > 0.4
+    keep[11:14] = False  # a sequence whose tokens are all dropped pools to 0
+    x = torch.randn(num_tokens, hidden, dtype=torch.float64, generator=gen)
+    x[~keep] = float("nan")
+    other = torch.randn(heads, hidden // heads, dtype=torch.float64, generator=gen)
+    if not query_mode:
+        other = torch.randn(num_tokens, heads, dtype=torch.float64, generator=gen)
+    kept_cu = torch.tensor([0, *[int(keep[a:b].sum()) for a, b in zip(cu[:-1], cu[1:], strict=True)]]).cumsum(
+        0
+    )
+    x_kept = x[keep].clone().requires_grad_()
+    if query_mode:
+        expected = reference.query_attention_pool(x_kept, other, cu_seqlens=kept_cu, scale=0.6)
+        forward, backward, tail = ops.ext_query_attention_fwd, ops.ext_query_attention_bwd, (0.6,)
+    else:
+        expected = reference.attention_pool(x_kept, other[keep], cu_seqlens=kept_cu)
+        forward, backward, tail = ops.ext_attention_fwd, ops.ext_attention_bwd, ()
+    grad = torch.randn(len(cu) - 1, hidden, dtype=torch.float64, generator=gen)
+    (expected_dx,) = torch.autograd.grad(expected, x_kept, grad)
+
+    mask = keep.to(mask_dtype).to(device)
+    args = (x.to(device), other.to(device), mask, cu.to(device))
+    with poisoned_allocations():
+        out, stats = forward(*args, None, *tail)
+        dx, _ = backward(grad.to(device), *args, out, stats, *tail)
+    torch.testing.assert_close(out.cpu(), expected.detach(), atol=1e-10, rtol=1e-10)
+    assert torch.equal(dx.cpu()[~keep], torch.zeros_like(dx.cpu()[~keep]))
+    torch.testing.assert_close(dx.cpu()[keep], expected_dx, atol=1e-10, rtol=1e-10)
 
 
 # --- malformed cu_seqlens: clamped segments, no out-of-bounds access, bounded plans -----------------

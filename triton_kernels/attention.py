@@ -29,6 +29,8 @@ import triton.language as tl
 
 from . import wide_query
 from .segments import (
+    TILE_REGISTERS,
+    TILE_WARPS,
     accumulation_dtype,
     channel_block,
     check_padded_length,
@@ -42,6 +44,7 @@ from .segments import (
     rows_fit_int32,
     search_iters,
     sequence_chunks,
+    tile_launch,
 )
 from .softmax import online_softmax_step, softmax_weight
 
@@ -315,13 +318,19 @@ def _is_wide(head_dim: int, query: bool) -> bool:
     return query and triton.next_power_of_2(head_dim) > wide_query.QUERY_MAX_BLOCK_D
 
 
-def _blocks(head_dim: int, query: bool) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_R, num_warps): query mode holds the whole head in one tile, unless it is wide."""
+def _blocks(head_dim: int, query: bool, backward: bool = False) -> tuple[int, int, dict]:
+    """(BLOCK_D, BLOCK_R, launch options): query mode holds the whole head in one tile, unless it is
+    wide; the attention-mode backward walks the head in blocks of at most 128 channels."""
     if _is_wide(head_dim, query):
-        return wide_query.WIDE_BLOCK_D, wide_query.WIDE_BLOCK_R, wide_query.WIDE_NUM_WARPS
+        return wide_query.WIDE_BLOCK_D, wide_query.WIDE_BLOCK_R, dict(num_warps=wide_query.WIDE_NUM_WARPS)
     block_d = max(16, triton.next_power_of_2(head_dim)) if query else channel_block(head_dim)
     block_r = max(2, 4096 // block_d)
-    return block_d, block_r, 8 if block_d * block_r > 4096 or block_d >= 2048 else 4
+    if backward and not query:
+        block_d = min(block_d, 128)
+    # Query heads of 1024+ channels (and, in the backward, their dquery partial) need more than
+    # TILE_REGISTERS: registers as they need.
+    large_head = query and (block_d >= 2048 or (backward and block_d >= 1024))
+    return block_d, block_r, tile_launch(255 if large_head else TILE_REGISTERS)
 
 
 @launches_on_input_device
@@ -347,7 +356,7 @@ def attention_forward(
     stats = torch.empty(num_seqs, num_heads, 2, dtype=acc, device=x.device)
     if num_seqs == 0 or hidden == 0:
         return out, stats.zero_()
-    block_d, block_r, num_warps = _blocks(head_dim, is_query)
+    block_d, block_r, launch = _blocks(head_dim, is_query)
     wide = _is_wide(head_dim, is_query)
     blocks_per_head = 1 if wide else triton.cdiv(head_dim, block_d)  # wide: a program walks its head
     plan = plan_split(num_seqs, num_rows, longest, num_heads * blocks_per_head, block_r, x.device, cu_seqlens)
@@ -381,11 +390,11 @@ def attention_forward(
             *plan_args,
             BLOCK_R=block_r,
             BLOCK_D=block_d,
-            num_warps=num_warps,
+            **launch,
             **flags,
         )
         # The combine takes the head in channel blocks, as in attention mode.
-        block_d, num_warps = channel_block(head_dim), 4
+        block_d = channel_block(head_dim)
         blocks_per_head = triton.cdiv(head_dim, block_d)
     else:
         _attention_fwd_kernel[(plan.num_chunks, num_heads * blocks_per_head)](
@@ -403,7 +412,7 @@ def attention_forward(
             QUERY=is_query,
             BLOCK_R=block_r,
             BLOCK_D=block_d,
-            num_warps=num_warps,
+            **launch,
             **flags,
         )
     if plan.split:
@@ -421,7 +430,7 @@ def attention_forward(
             VARLEN=varlen,
             ACC_DTYPE=acc_dtype,
             BLOCK_D=block_d,
-            num_warps=num_warps,
+            num_warps=TILE_WARPS if block_d >= 2048 else 4,
         )
     return out, stats
 
@@ -461,9 +470,7 @@ def attention_backward(
     if not varlen:
         check_padded_length(seq_len)
     grad_out = grad_out.to(out.dtype).contiguous()
-    block_d, block_r, num_warps = _blocks(head_dim, is_query)
-    if not is_query:
-        block_d = min(block_d, 128)  # the backward walks the head in blocks; keep tiles small
+    block_d, block_r, launch = _blocks(head_dim, is_query, backward=True)
     rows_per_program = _rows_per_program(num_rows, num_heads, block_r, x.device, is_query)
     num_programs = triton.cdiv(num_rows, rows_per_program)
     if is_query:
@@ -480,7 +487,7 @@ def attention_backward(
         ACC_DTYPE=accumulation_dtype(out.dtype),
         BLOCK_R=block_r,
         BLOCK_D=block_d,
-        num_warps=num_warps,
+        **launch,
     )
     sizes = (num_seqs, seq_len, num_rows, hidden, head_dim, num_heads, scale, rows_per_program)
     mask_arg, cu_arg = mask_view if mask is not None else x, cu_seqlens if varlen else x

@@ -33,9 +33,11 @@ from .segments import (
     rows_fit_int32,
     search_iters,
     sequence_chunks,
+    tile_launch,
 )
 
-MEAN, MAX, MEAN_MAX = 1, 2, 3  # mode bits: 1 = mean, 2 = max
+MEAN, MAX = 1, 2  # mode bits: 1 = mean, 2 = max (3: mean_max)
+STATES = 4  # forward: write the partial states (fused_pool/partials.py), not the pooled values
 
 
 @triton.jit
@@ -127,12 +129,17 @@ def _store_result(
     best_row,
     MEAN: tl.constexpr,
     MAX: tl.constexpr,
+    STATES: tl.constexpr,
 ):
-    """Writes the pooled row of `seq`: mean = total / weight (0 if empty), max (0 if empty)."""
+    """Writes the pooled row of `seq`: mean = total / weight (0 if empty), max (0 if empty). STATES:
+    the partial states instead, total undivided (out is float32 / float64)."""
     out_row = out_ptr + seq.to(tl.int64) * out_stride
     if MEAN:
-        nonzero = weight != 0
-        mean = tl.where(nonzero, total / tl.where(nonzero, weight, 1), 0)
+        if STATES:
+            mean = total
+        else:
+            nonzero = weight != 0
+            mean = tl.where(nonzero, total / tl.where(nonzero, weight, 1), 0)
         tl.store(out_row + offs_h, mean.to(out_ptr.dtype.element_ty), mask=h_in)
         tl.store(den_ptr + seq, weight, mask=h_block == 0)
     if MAX:
@@ -171,6 +178,7 @@ def _pool_fwd_kernel(
     search_iters,
     MEAN: tl.constexpr,
     MAX: tl.constexpr,
+    STATES: tl.constexpr,
     HAS_MASK: tl.constexpr,
     WEIGHTED: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -243,6 +251,7 @@ def _pool_fwd_kernel(
             best_row,
             MEAN,
             MAX,
+            STATES,
         )
 
 
@@ -262,6 +271,7 @@ def _pool_combine_kernel(
     num_chunks,
     MEAN: tl.constexpr,
     MAX: tl.constexpr,
+    STATES: tl.constexpr,
     VARLEN: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -303,6 +313,7 @@ def _pool_combine_kernel(
         best_row,
         MEAN,
         MAX,
+        STATES,
     )
 
 
@@ -376,14 +387,16 @@ def pool_forward(
     max_seqlen: int | None,
     mode: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (B, L, H) padded or (T, H) varlen. Returns (out (B, H or 2H) in x.dtype, sum of weights
-    (B,) float32/64 if mean else empty, argmax row (B, H) int32 if max else empty)."""
+    """x: (B, L, H) padded or (T, H) varlen. Returns (out (B, H or 2H) in x.dtype (STATES: the
+    partial states, float32/64), sum of weights (B,) float32/64 if mean else empty, argmax row (B, H)
+    int32 if max else empty)."""
     varlen = cu_seqlens is not None
     hidden = x.shape[-1]
     num_seqs, seq_len, num_rows, longest, x_strides = geometry(x, cu_seqlens, max_seqlen)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    want_mean, want_max = bool(mode & MEAN), bool(mode & MAX)
-    out = torch.empty(num_seqs, hidden * (2 if mode == MEAN_MAX else 1), dtype=x.dtype, device=x.device)
+    want_mean, want_max, states = bool(mode & MEAN), bool(mode & MAX), bool(mode & STATES)
+    width = 2 * hidden if want_mean and want_max else hidden
+    out = torch.empty(num_seqs, width, dtype=acc if states else x.dtype, device=x.device)
     den = torch.empty(num_seqs if want_mean else 0, dtype=acc, device=x.device)
     argmax = torch.empty((num_seqs, hidden) if want_max else (0,), dtype=torch.int32, device=x.device)
     if num_seqs == 0 or hidden == 0:
@@ -401,7 +414,9 @@ def pool_forward(
         part_row = torch.empty(plan.num_chunks if want_max else 0, hidden, dtype=torch.int32, device=x.device)
     else:
         part_sum = part_den = part_max = part_row = den  # unused
-    flags = dict(MEAN=want_mean, MAX=want_max, VARLEN=varlen, ACC_DTYPE=accumulation_dtype(x.dtype))
+    flags = dict(
+        MEAN=want_mean, MAX=want_max, STATES=states, VARLEN=varlen, ACC_DTYPE=accumulation_dtype(x.dtype)
+    )
     offsets = plan.chunk_offsets if plan.chunk_offsets is not None else out  # unused when padded
     _pool_fwd_kernel[(plan.num_chunks, channel_blocks)](
         x,
@@ -430,7 +445,7 @@ def pool_forward(
         SPLIT=plan.split,
         BLOCK_R=block_r,
         BLOCK_H=block_h,
-        num_warps=4,
+        **tile_launch(),
         **flags,
     )
     if plan.split:
@@ -504,6 +519,6 @@ def pool_backward(
         ACC_DTYPE=accumulation_dtype(x_dtype),
         BLOCK_R=block_r,
         BLOCK_H=block_h,
-        num_warps=4,
+        **tile_launch(),
     )
     return dx

@@ -20,6 +20,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # int64 (what tokenizers give) differs from bool only in the mask pointer's type: left out for time.
 MASKS = ("none", "bool", "float")
 POOL_MODES = ("mean", "max", "mean_max")
+# The pool forward's partial-state mode (what fused_pool.distributed runs): a smaller matrix.
+STATES_OPS = ("mean_states", "max_states", "mean_max_states")
+STATES_SIZES = (64, 1000, 4096)
 
 # Split: a few long sequences (the split plan spreads each over many programs). 2048 rows split on
 # every size and head count for 108 / 132 SMs. No split: short sequences, one program each.
@@ -52,6 +55,12 @@ def all_cases() -> list[Case]:
             if layout == "varlen" and mask != "none" and not (op == "mean" and mask == "float"):
                 continue  # varlen has no padding; only masked_mean takes a mask there (weights)
             cases.append(Case(op, layout, mask, split, dtype, size, nh))
+    for op in STATES_OPS:
+        for layout, mask, split, dtype, size in itertools.product(
+            ("padded", "varlen"), ("none", "bool"), (True, False), DTYPES, STATES_SIZES
+        ):
+            if layout == "padded" or mask == "none":
+                cases.append(Case(op, layout, mask, split, dtype, size, 0))
     return cases
 
 
@@ -66,7 +75,8 @@ def _mask(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor
 
 
 def inputs(case: Case):
-    """(function name in fused_pool, positional args, keyword args, tensors that get a gradient).
+    """(function name in fused_pool, or "pool_states": the triton pool forward with mode | STATES,
+    positional args, keyword args, tensors that get a gradient).
 
     x is allocated, never filled: the kernels are compiled, not run (the memory stays virtual).
     """
@@ -89,6 +99,9 @@ def inputs(case: Case):
         tokens = (total,)
         kwargs["cu_seqlens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
         mask = _mask(case.mask, tokens, dtype)
+    if case.op in STATES_OPS:
+        mode = {"mean_states": 1, "max_states": 2, "mean_max_states": 3}[case.op]
+        return "pool_states", (x, mask, kwargs.get("cu_seqlens"), kwargs.get("max_seqlen"), mode), {}, ()
     x.requires_grad_(True)
     if case.op in POOL_MODES:
         name = {"mean": "masked_mean", "max": "masked_max", "mean_max": "masked_mean_max"}[case.op]

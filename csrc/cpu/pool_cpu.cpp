@@ -5,7 +5,8 @@
 // AVX-512 / AVX2 / SSE and picked at load time). Sequences longer than a chunk (fixed by the
 // shapes alone, never by the thread count) are split; their partials are combined in row order.
 // Backward: every row of dx is written once, in parallel over rows. argmax holds each maximum's
-// index within its sequence (l padded, t - cu_seqlens[b] varlen).
+// index within its sequence (l padded, t - cu_seqlens[b] varlen). In states mode (kStates) the forward
+// writes the float32 / float64 partial states: sum(w x) for the mean, not divided by sum(w).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -117,32 +118,35 @@ void reduce_rows(const T* x, const Batch& batch, const RowChunk& chunk, int64_t 
   }
 }
 
-template <typename T, typename Acc>
-void write_result(T* out, Acc* den, int32_t* argmax, const Partial<Acc>& part, int64_t seq, int64_t c0, int64_t n,
-                  int64_t hidden, int mode) {
-  T* out_row = out + seq * hidden * (mode == (kMean | kMax) ? 2 : 1);
+// Out is T, or Acc in states mode, where the mean half is sum(w x), not yet divided.
+template <typename Out, typename Acc>
+void write_result(Out* out, Acc* den, int32_t* argmax, const Partial<Acc>& part, int64_t seq, int64_t c0, int64_t n,
+                  int64_t hidden, int mode, bool states) {
+  Out* out_row = out + seq * hidden * (mode == (kMean | kMax) ? 2 : 1);
   if (mode & kMean) {
     for (int64_t i = 0; i < n; ++i)
-      out_row[c0 + i] = static_cast<T>(part.weight != Acc(0) ? part.total[i] / part.weight : Acc(0));
+      out_row[c0 + i] = static_cast<Out>(states                   ? part.total[i]
+                                         : part.weight != Acc(0) ? part.total[i] / part.weight
+                                                                 : Acc(0));
     if (c0 == 0) den[seq] = part.weight;
     out_row += (mode & kMax) ? hidden : 0;
   }
   if (mode & kMax) {
     for (int64_t i = 0; i < n; ++i) {
-      out_row[c0 + i] = static_cast<T>(part.best_row[i] >= 0 ? part.best[i] : Acc(0));
+      out_row[c0 + i] = static_cast<Out>(part.best_row[i] >= 0 ? part.best[i] : Acc(0));
       argmax[seq * hidden + c0 + i] = part.best_row[i];
     }
   }
 }
 
-template <typename T, typename Acc>
-void pool_forward_kernel(const at::Tensor& x, const Batch& batch, int mode, at::Tensor& out, at::Tensor& den,
-                         at::Tensor& argmax) {
+template <typename T, typename Acc, typename Out>
+void pool_forward_kernel(const at::Tensor& x, const Batch& batch, int mode, bool states, at::Tensor& out,
+                         at::Tensor& den, at::Tensor& argmax) {
   const Geometry& g = batch.geometry;
   const std::vector<RowChunk> chunks = plan_row_chunks(batch);
   const ChannelSplit channels = split_channels(g.hidden, static_cast<int64_t>(chunks.size()));
   const T* x_ptr = x.const_data_ptr<T>();
-  T* out_ptr = out.mutable_data_ptr<T>();
+  Out* out_ptr = out.mutable_data_ptr<Out>();
   Acc* den_ptr = (mode & kMean) ? den.mutable_data_ptr<Acc>() : nullptr;
   int32_t* argmax_ptr = (mode & kMax) ? argmax.mutable_data_ptr<int32_t>() : nullptr;
 
@@ -156,7 +160,7 @@ void pool_forward_kernel(const at::Tensor& x, const Batch& batch, int mode, at::
     auto part = std::make_unique<Partial<Acc>>(n, mode);
     reduce_rows(x_ptr, batch, chunk, c0, n, mode, *part, gathered);
     if (chunk.whole_sequence) {
-      write_result(out_ptr, den_ptr, argmax_ptr, *part, chunk.seq, c0, n, g.hidden, mode);
+      write_result(out_ptr, den_ptr, argmax_ptr, *part, chunk.seq, c0, n, g.hidden, mode, states);
     } else {
       parts[task] = std::move(part);
     }
@@ -181,7 +185,7 @@ void pool_forward_kernel(const at::Tensor& x, const Batch& batch, int mode, at::
         for (int64_t i = 0; i < n; ++i) merge_max(total.best[i], total.best_row[i], part.best[i], part.best_row[i]);
       }
     }
-    write_result(out_ptr, den_ptr, argmax_ptr, total, seq, c0, n, g.hidden, mode);
+    write_result(out_ptr, den_ptr, argmax_ptr, total, seq, c0, n, g.hidden, mode, states);
   });
 }
 
@@ -192,13 +196,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd_cpu(const at::Tensor& x,
   const Batch batch = make_batch(x, mask, cu_seqlens);
   const Geometry& g = batch.geometry;
   const at::ScalarType acc = accumulation_type(x.scalar_type());
-  at::Tensor out = at::empty({g.num_seqs, g.hidden * (mode == (kMean | kMax) ? 2 : 1)}, x.options());
-  at::Tensor den = at::empty({(mode & kMean) ? g.num_seqs : 0}, x.options().dtype(acc));
-  at::Tensor argmax = (mode & kMax) ? at::empty({g.num_seqs, g.hidden}, x.options().dtype(at::kInt))
-                                    : at::empty({0}, x.options().dtype(at::kInt));
+  const bool states = (mode & kStates) != 0;
+  const int reduction = static_cast<int>(mode & (kMean | kMax));
+  at::Tensor out = at::empty({g.num_seqs, g.hidden * (reduction == (kMean | kMax) ? 2 : 1)},
+                             x.options().dtype(states ? acc : x.scalar_type()));
+  at::Tensor den = at::empty({(reduction & kMean) ? g.num_seqs : 0}, x.options().dtype(acc));
+  at::Tensor argmax = (reduction & kMax) ? at::empty({g.num_seqs, g.hidden}, x.options().dtype(at::kInt))
+                                         : at::empty({0}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_fwd_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    pool_forward_kernel<scalar_t, Acc>(x, batch, static_cast<int>(mode), out, den, argmax);
+    if (states) {
+      pool_forward_kernel<scalar_t, Acc, Acc>(x, batch, reduction, true, out, den, argmax);
+    } else {
+      pool_forward_kernel<scalar_t, Acc, scalar_t>(x, batch, reduction, false, out, den, argmax);
+    }
   });
   return {out, den, argmax};
 }

@@ -71,7 +71,8 @@ struct PoolForward {
   MaskView mask;
   IndexView cu_seqlens;
   int mode;          // kMean | kMax
-  void* out;         // (B, H or 2H), x's dtype, contiguous
+  bool states;       // out holds the partial states: Acc, the mean half sum(w x) undivided
+  void* out;         // (B, H or 2H), x's dtype (states: Acc), contiguous
   void* den;         // (B,) Acc: sum of weights (mean modes)
   int32_t* argmax;   // (B, H): index within its sequence of each maximum, -1 when empty (max modes)
   SplitPlan plan;

@@ -5,6 +5,7 @@
 // kRowsInFlight rows, loading those rows before accumulating them so that several loads are in
 // flight. Padding is skipped without a load. The 8 row groups are folded in a fixed order through
 // shared memory. Chunks of long sequences write partials that pool_combine folds in chunk order.
+// States mode (a.states): out is Acc and its mean half sum(w x), undivided (fused_pool/partials.py).
 // Backward: every element of dx is written once: w * g / sum(w) and / or g at the saved argmax
 // (the index of the maximal row within its sequence: l padded, t - cu_seqlens[b] varlen).
 #include <cuda_runtime.h>
@@ -42,7 +43,9 @@ __device__ __forceinline__ void write_pool_result(const PoolForward& a, int64_t 
   // Every buffer is contiguous and 16-byte aligned, and VEC divides H: VEC-aligned offsets.
   int64_t out_offset = seq * hidden * (MODE == (kMean | kMax) ? 2 : 1) + c0;
   if (MODE & kMean) {
-    if (active) {
+    if (active && a.states) {  // sum(w x), undivided, in Acc
+      store_elements<Acc, VEC>(static_cast<Acc*>(a.out), out_offset, st.total);
+    } else if (active) {
       Acc mean[VEC];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) mean[i] = st.weight != Acc(0) ? st.total[i] / st.weight : Acc(0);
@@ -56,7 +59,11 @@ __device__ __forceinline__ void write_pool_result(const PoolForward& a, int64_t 
 #pragma unroll
     for (int i = 0; i < VEC; ++i) maximum[i] = st.best_row[i] >= 0 ? st.best[i] : Acc(0);
     store_elements<int32_t, VEC>(a.argmax, seq * hidden + c0, st.best_row);
-    store_channels<T, VEC>(static_cast<T*>(a.out), out_offset, maximum);
+    if (a.states) {
+      store_elements<Acc, VEC>(static_cast<Acc*>(a.out), out_offset, maximum);
+    } else {
+      store_channels<T, VEC>(static_cast<T*>(a.out), out_offset, maximum);
+    }
   }
 }
 

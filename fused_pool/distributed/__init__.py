@@ -187,8 +187,7 @@ def attention_pool(
 
     where, rows, (call, chosen) = _start("attention_pool", layout, group, local_checks)
     per_head = scores if scores.dim() == call.x.dim() else scores.unsqueeze(-1)
-    token_mask = chosen in SPECS["attention"].varlen_mask_backends
-    pieces = _pieces(where, rows, call.x, mask, per_head, cu_seqlens, cu_seqlens_padded, token_mask)
+    pieces = _pieces(where, rows, call.x, mask, per_head, cu_seqlens, cu_seqlens_padded, token_mask=True)
     kernel_call = KernelCall(SPECS["attention"], kernels(chosen, "attention"), pieces, where, ())
     return replicated_kernel_op(kernel_call, pieces.x, pieces.scores).to(call.x.dtype)
 
@@ -221,8 +220,7 @@ def query_attention_pool(
     where, rows, (call, chosen) = _start("query_attention_pool", layout, group, local_checks)
     head_dim = call.x.shape[-1] // call.heads
     tail = (float(head_dim**-0.5 if scale is None else scale),)
-    token_mask = chosen in SPECS["query_attention"].varlen_mask_backends
-    pieces = _pieces(where, rows, call.x, mask, None, cu_seqlens, cu_seqlens_padded, token_mask)
+    pieces = _pieces(where, rows, call.x, mask, None, cu_seqlens, cu_seqlens_padded, token_mask=True)
     kernel_call = KernelCall(
         SPECS["query_attention"], kernels(chosen, "query_attention"), pieces, where, tail
     )

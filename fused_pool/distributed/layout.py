@@ -183,9 +183,9 @@ def zigzag_varlen_pieces(
     """zigzag, varlen: for sequence b (padded length P_b, real length n_b, slice size S_b = P_b / 2W)
     the rank holds S_b tokens of slice k for each of its k, of which the first
     clamp(n_b - k S_b, 0, S_b) are real. With `token_mask`, one segment per slice and a (T_r,) mask
-    that drops the padding (combined with masked_mean's weights): padding is never read. Without
-    (kernels that take no varlen mask), two segments per slice, real and padding; the padding
-    segments' results are dropped and they get zero states in backward."""
+    that drops the padding (combined with masked_mean's weights): padding is never read; every
+    kernel takes it. Without (first / last token, which look up positions and gather rows), two
+    segments per slice, real and padding; the padding segments are never gathered."""
     device = x.device
     padded = (cu_seqlens_padded[1:] - cu_seqlens_padded[:-1]).long()
     real = (cu_seqlens[1:] - cu_seqlens[:-1]).long()

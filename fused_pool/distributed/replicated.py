@@ -34,7 +34,7 @@ from ..partials import (
     mean_of,
     pool_states,
 )
-from ..specs import OpSpec
+from ..specs import STATES, OpSpec
 from .collective import Group, all_gather_states
 from .layout import Pieces
 
@@ -50,9 +50,11 @@ class KernelCall:
     tail: tuple  # pool: (mode,); attention: (); query attention: (scale,)
 
     def inputs(self, x: Tensor, other: Tensor | None) -> tuple:
+        """The local forward kernel's inputs; a pool forward writes its partial states (STATES)."""
         pieces = self.pieces
         head = (x,) if other is None else (x, other)
-        return (*head, pieces.mask, pieces.cu_seqlens, None, *self.tail)
+        tail = (self.tail[0] | STATES,) if self.spec.kind == "pool" else self.tail
+        return (*head, pieces.mask, pieces.cu_seqlens, None, *tail)
 
 
 def _combine_pool(call: KernelCall, outputs) -> tuple[Tensor, tuple]:
@@ -77,7 +79,7 @@ def _combine_pool(call: KernelCall, outputs) -> tuple[Tensor, tuple]:
         parts.append(best.value)
         on_this_segment = pieces.per_segment(piece) == pieces.segment_slice[:, None]
         argmax = torch.where(on_this_segment, pieces.per_segment(best.index), -1).to(torch.int32)
-    out = torch.cat(parts, -1).to(outputs[0].dtype)
+    out = torch.cat(parts, -1).to(call.pieces.x.dtype)
     return out, (out, den, argmax)
 
 

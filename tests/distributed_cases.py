@@ -299,6 +299,12 @@ def bad_inputs(rank: int, world_size: int):
             "cu_seqlens_padded",
         ),
         (
+            "zigzag real lengths not divisible, no cu_seqlens_padded",
+            lambda: fd.masked_mean(torch.randn(4, HIDDEN), cu_seqlens=cu, layout="zigzag"),
+            ValueError,
+            "cu_seqlens_padded (default: cu_seqlens)",
+        ),
+        (
             "zigzag local tokens wrong",
             lambda: fd.last_token(torch.randn(1, HIDDEN), cu_seqlens=cu_seqlens_of([parts]), layout="zigzag"),
             ValueError,

@@ -1,6 +1,7 @@
 """fused_pool.distributed: groups of 2, 3 and 4 gloo processes on CPU run every op against the
-single-device reference (tests/distributed_cases.py); in this process, the partial states and
-their combine, and `shard`."""
+single-device reference (tests/distributed_cases.py); one-rank gloo and NCCL groups
+(tests/distributed_one_rank.py); in this process, the partial states and their combine, and
+`shard`."""
 
 from __future__ import annotations
 
@@ -71,6 +72,31 @@ def test_gloo_group_matches_single_device(world_size, tmp_path):
         if worker.returncode:
             failures.append(f"rank {rank} exited with {worker.returncode}:\n{log[-3000:]}")
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:30])
+
+
+@pytest.mark.parametrize(
+    "dist_backend",
+    [
+        "gloo",
+        pytest.param(
+            "nccl",
+            marks=pytest.mark.skipif(
+                not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
+                reason="needs a CUDA GPU and NCCL",
+            ),
+        ),
+    ],
+)
+def test_one_rank_group_through_each_collective_backend(dist_backend, tmp_path):
+    """NCCL needs a GPU per rank: a one-rank group is what a one-GPU machine can check."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if dist_backend == "gloo":
+        env.setdefault("TRITON_INTERPRET", "1")
+    worker = Path(__file__).with_name("distributed_one_rank.py")
+    command = [sys.executable, str(worker), "--dist-backend", dist_backend]
+    command += ["--init-file", str(tmp_path / "init")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=GROUP_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 # --- partial states: pieces of a sequence combine into the whole --------------------------------

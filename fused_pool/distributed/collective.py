@@ -89,11 +89,8 @@ def _device_fields(call: LocalCall, world_size: int) -> Tensor:
     if cu is None:
         return torch.zeros(5, dtype=torch.int64)
     cu = cu.long()
-    padded = call.cu_seqlens_padded
-    if padded is None:
-        zero = cu.new_zeros(())
-        return torch.stack([cu[-1], cu.sum(), zero, zero, zero])
-    padded = padded.long()
+    # zigzag varlen slices by cu_seqlens_padded, cu_seqlens by default (other layouts ignore these)
+    padded = cu if call.cu_seqlens_padded is None else call.cu_seqlens_padded.long()
     lengths = padded[1:] - padded[:-1]
     bad = (padded[0] != 0) | (lengths < 0).any() | (lengths % (2 * world_size) != 0).any()
     short = ((cu[1:] - cu[:-1]) > lengths).any()
@@ -219,8 +216,8 @@ def _check_agreement(op: str, rows, group: Group) -> None:
             raise ValueError("cu_seqlens_padded must be the same on every rank")
         if rows[0]["padded_bad"]:
             raise ValueError(
-                f"cu_seqlens_padded must start at 0 and every padded length must be divisible by "
-                f"2W = {parts} (zigzag cuts each sequence into 2W equal slices)"
+                f"cu_seqlens_padded (default: cu_seqlens) must start at 0 and every padded length must "
+                f"be divisible by 2W = {parts} (zigzag cuts each sequence into 2W equal slices)"
             )
         if rows[0]["padded_short"]:
             raise ValueError("cu_seqlens: a sequence is longer than its padded length in cu_seqlens_padded")

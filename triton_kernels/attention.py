@@ -327,8 +327,8 @@ def _blocks(head_dim: int, query: bool, backward: bool = False) -> tuple[int, in
     block_r = max(2, 4096 // block_d)
     if backward and not query:
         block_d = min(block_d, 128)
-    # Query heads of 1024+ channels (and, in the backward, their dquery partial) need more than
-    # TILE_REGISTERS: registers as they need.
+    # Query tiles of 2048+ channels, and the query backward's 1024 (it also holds the head's dquery
+    # partial), need more than TILE_REGISTERS: registers as they need.
     large_head = query and (block_d >= 2048 or (backward and block_d >= 1024))
     return block_d, block_r, tile_launch(255 if large_head else TILE_REGISTERS)
 

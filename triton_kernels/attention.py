@@ -45,6 +45,7 @@ from .segments import (
     search_iters,
     sequence_chunks,
     tile_launch,
+    triton_accumulator,
 )
 from .softmax import online_softmax_step, softmax_weight
 
@@ -351,7 +352,7 @@ def attention_forward(
     hidden = x.shape[-1]
     head_dim = hidden // num_heads
     num_seqs, seq_len, num_rows, longest, x_strides = geometry(x, cu_seqlens, max_seqlen)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     out = torch.empty(num_seqs, hidden, dtype=acc, device=x.device)
     stats = torch.empty(num_seqs, num_heads, 2, dtype=acc, device=x.device)
     if num_seqs == 0 or hidden == 0:
@@ -366,7 +367,7 @@ def attention_forward(
     ]
     mask_view, mask_strides = kernel_mask(mask)
     offsets = plan.chunk_offsets if plan.chunk_offsets is not None else stats  # unused when padded
-    acc_dtype = accumulation_dtype(x.dtype)
+    acc_dtype = triton_accumulator(x.dtype)
     geometry_args = (num_seqs, seq_len, num_rows, hidden, head_dim, num_heads)
     pointers = (
         mask_view if mask is not None else x,
@@ -484,7 +485,7 @@ def attention_backward(
         HAS_MASK=mask is not None,
         VARLEN=varlen,
         ROWS_INT32=rows_fit_int32(num_rows, block_r),
-        ACC_DTYPE=accumulation_dtype(out.dtype),
+        ACC_DTYPE=triton_accumulator(out.dtype),
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         **launch,

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..specs import MAX, MEAN, STATES, accumulation_dtype
 from .segments import (
-    accumulation_dtype,
     channel_block,
     check_padded_length,
     geometry,
@@ -34,10 +34,8 @@ from .segments import (
     search_iters,
     sequence_chunks,
     tile_launch,
+    triton_accumulator,
 )
-
-MEAN, MAX = 1, 2  # mode bits: 1 = mean, 2 = max (3: mean_max)
-STATES = 4  # forward: write the partial states (fused_pool/partials.py), not the pooled values
 
 
 @triton.jit
@@ -393,7 +391,7 @@ def pool_forward(
     varlen = cu_seqlens is not None
     hidden = x.shape[-1]
     num_seqs, seq_len, num_rows, longest, x_strides = geometry(x, cu_seqlens, max_seqlen)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     want_mean, want_max, states = bool(mode & MEAN), bool(mode & MAX), bool(mode & STATES)
     width = 2 * hidden if want_mean and want_max else hidden
     out = torch.empty(num_seqs, width, dtype=acc if states else x.dtype, device=x.device)
@@ -415,7 +413,7 @@ def pool_forward(
     else:
         part_sum = part_den = part_max = part_row = den  # unused
     flags = dict(
-        MEAN=want_mean, MAX=want_max, STATES=states, VARLEN=varlen, ACC_DTYPE=accumulation_dtype(x.dtype)
+        MEAN=want_mean, MAX=want_max, STATES=states, VARLEN=varlen, ACC_DTYPE=triton_accumulator(x.dtype)
     )
     offsets = plan.chunk_offsets if plan.chunk_offsets is not None else out  # unused when padded
     _pool_fwd_kernel[(plan.num_chunks, channel_blocks)](
@@ -516,7 +514,7 @@ def pool_backward(
         WEIGHTED=_weighted(mask, mode),
         VARLEN=varlen,
         ROWS_INT32=rows_fit_int32(num_rows, block_r),
-        ACC_DTYPE=accumulation_dtype(x_dtype),
+        ACC_DTYPE=triton_accumulator(x_dtype),
         BLOCK_R=block_r,
         BLOCK_H=block_h,
         **tile_launch(),

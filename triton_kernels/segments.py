@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..specs import accumulation_dtype
+
 # A chunk shorter than this costs more in partials traffic than it gains in parallelism.
 MIN_CHUNK_ROWS = 128
 # Resident programs per SM assumed when sizing the grid: the split aims for two such waves.
@@ -292,9 +294,9 @@ def kernel_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[i
     return mask, mask.stride()
 
 
-def accumulation_dtype(dtype: torch.dtype):
-    """The kernels' accumulator type: float64 for float64 x, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def triton_accumulator(dtype: torch.dtype):
+    """fused_pool.specs.accumulation_dtype of x's dtype as a Triton type (the ACC_DTYPE constexpr)."""
+    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
 def channel_block(hidden: int, largest: int = 256) -> int:

@@ -47,10 +47,11 @@ def gather_tokens(x: Tensor, position: Tensor, found: Tensor) -> Tensor:
     if length == 0:  # no token at all: every sequence is empty (kept differentiable)
         return (x.sum(-2) * 0).expand(batch, hidden).contiguous()
     position = position.clamp(0, length - 1)
+    # index_select / advanced indexing: their backward keeps x's shape, not x (gather keeps x)
     if x.dim() == 2:
         rows = x.index_select(0, position)
     else:
-        rows = x.gather(1, position.view(batch, 1, 1).expand(batch, 1, hidden)).squeeze(1)
+        rows = x[torch.arange(batch, device=x.device), position]
     return torch.where(found[:, None], rows, 0)
 
 

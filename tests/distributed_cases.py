@@ -352,6 +352,26 @@ def bad_inputs(rank: int, world_size: int):
             TypeError,
             "x must be",
         ),
+        (
+            "cu_seqlens that differ inside, same total",
+            lambda: fd.masked_mean(
+                torch.randn(4, HIDDEN),
+                cu_seqlens=torch.tensor([0, 1 + (rank == 0), 4 * world_size - 2, 4 * world_size]),
+            ),
+            ValueError,
+            "cu_seqlens (the global offsets) must be the same on every rank",
+        ),
+        (
+            "cu_seqlens_padded that differ inside, one rank's malformed",
+            lambda: fd.masked_mean(
+                torch.randn(4, HIDDEN),
+                cu_seqlens=cu_seqlens_of([1, 1]),
+                cu_seqlens_padded=torch.tensor([0, (1 if rank == 0 else 3) * parts, 2 * parts]),
+                layout="zigzag",
+            ),
+            ValueError,
+            "cu_seqlens_padded must be the same on every rank",
+        ),
         ("different ops", lambda: (fd.masked_mean if rank else fd.masked_max)(x), ValueError, "same call"),
         (
             "query heads must divide H",
@@ -359,6 +379,23 @@ def bad_inputs(rank: int, world_size: int):
             ValueError,
             "query",
         ),
+    ]
+
+
+def empty_shapes(rank: int, world_size: int) -> list[tuple[str, object, tuple[int, ...]]]:
+    """(name, call, expected output shape): zero-size outputs, as on one device."""
+    cu_empty = torch.zeros(1, dtype=torch.int32)
+    return [
+        ("B = 0 padded", lambda: fd.masked_mean(torch.randn(0, 2, HIDDEN)), (0, HIDDEN)),
+        ("B = 0 varlen", lambda: fd.masked_max(torch.randn(0, HIDDEN), cu_seqlens=cu_empty), (0, HIDDEN)),
+        ("H = 0 max", lambda: fd.masked_max(torch.randn(2, 3, 0)), (2, 0)),
+        ("H = 0 mean_max", lambda: fd.masked_mean_max(torch.randn(2, 3, 0), layout="contiguous"), (2, 0)),
+        (
+            "B = 0 attention",
+            lambda: fd.attention_pool(torch.randn(0, 2, HIDDEN), torch.randn(0, 2)),
+            (0, HIDDEN),
+        ),
+        ("B = 0 last token", lambda: fd.last_token(torch.randn(0, 2, HIDDEN)), (0, HIDDEN)),
     ]
 
 
@@ -398,6 +435,12 @@ def main() -> int:
                 check_bad_input(call, error_type, text)
             except AssertionError as error:
                 failures.append(f"bad input {name}: {error}")
+        for name, call, shape in empty_shapes(rank, world_size):
+            try:
+                out = call()
+                assert tuple(out.shape) == shape, f"shape {tuple(out.shape)}, expected {shape}"
+            except Exception as error:  # noqa: BLE001 - reported as the failure
+                failures.append(f"empty shape {name}: {type(error).__name__}: {error}")
         all_cases = cases(world_size)
         for seed, case in enumerate(all_cases):
             try:

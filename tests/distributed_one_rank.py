@@ -5,7 +5,9 @@ device has, against the single-device op. One rank is what a one-GPU machine can
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,16 @@ def main() -> int:
             ran.append(f"{backend}/{layout}")
         last = fd.last_token(tokens, cu_seqlens=cu_seqlens)
         assert torch.equal(last, fused_pool.last_token(tokens, cu_seqlens=cu_seqlens))
+    # Pool and token ops keep no hidden states for backward (as on one device): an activation
+    # passed in is freed once the caller drops it.
+    for name in ("masked_mean", "masked_max", "last_token"):
+        hidden = x.float().requires_grad_() * 2  # an activation: only the caller holds it
+        alive = weakref.ref(hidden)
+        out = getattr(fd, name)(hidden, mask, layout="zigzag")
+        del hidden
+        gc.collect()
+        assert alive() is None, f"{name} keeps its input alive until backward"
+        out.sum().backward()
     dist.destroy_process_group()
     print(f"{args.dist_backend} one-rank group on {device}: {', '.join(ran)} match single-device")
     return 0 if ran else 1

@@ -229,6 +229,11 @@ def test_shard_layouts_cover_the_axis_once():
             ValueError,
             "cu_seqlens_padded",
         ),
+        (
+            dict(rank=0, world_size=2, layout="zigzag", dim=0, cu_seqlens_padded=torch.tensor([4, 8, 12])),
+            ValueError,
+            "start at 0",
+        ),
         (dict(rank=0, world_size=2, layout="contiguous", dim=5), ValueError, "dim"),
         (dict(rank="0", world_size=2, layout="contiguous", dim=1), TypeError, "rank"),
     ],

@@ -3,8 +3,8 @@ every rank must agree on, so that every rank raises the same error and none hang
 all-gather of the packed partial states.
 
 Metadata (int64, one row per rank): the op, the layout, whether the local checks failed, B, H, the
-head count, x's dtype, the local sequence length, and for varlen a fingerprint of cu_seqlens and
-flags computed on the device from cu_seqlens / cu_seqlens_padded (read back once, with the row:
+head count, x's dtype, the local sequence length, and for varlen fingerprints of cu_seqlens and
+cu_seqlens_padded and flags, computed on their device (read back once, with the gathered rows:
 the call's one host sync).
 """
 
@@ -29,8 +29,10 @@ FIELDS = (
     "dtype",
     "local_len",  # L_r padded, T_r varlen
     "cu_last",  # cu_seqlens[-1]: T of the packed global batch
-    "cu_sum",  # sum(cu_seqlens): with cu_last, a fingerprint that must be equal on every rank
+    "cu_print",  # a fingerprint of cu_seqlens (position-weighted sums) that must be equal on every rank
+    "cu_print2",
     "padded_last",  # cu_seqlens_padded[-1]
+    "padded_print",  # a fingerprint of cu_seqlens_padded
     "padded_bad",  # 1: cu_seqlens_padded does not start at 0, decreases, or has a length not divisible by 2W
     "padded_short",  # 1: a real length exceeds its padded length
 )
@@ -75,35 +77,45 @@ def resolve_group(group) -> tuple[object, int, int]:
     return group, rank, dist.get_world_size(group)
 
 
-def _collective_device(group) -> torch.device:
-    """Where the metadata travels: a CUDA device for NCCL groups, else the CPU (gloo)."""
+def _collective_device(group, x: Tensor | None) -> torch.device:
+    """Where the metadata travels: for NCCL groups x's GPU (the current one if x is not on a GPU),
+    else the CPU (gloo)."""
     backend = str(dist.get_backend(group))
     if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
+        return x.device if x is not None and x.is_cuda else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
+def _fingerprints(offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """sum((i + 1) c_i) and sum((i + 1)^2 c_i) (int64, wrapping): equal offsets give equal prints,
+    and offsets that differ in one entry, or swap two, give different ones."""
+    position = torch.arange(1, offsets.shape[0] + 1, device=offsets.device)
+    return (offsets * position).sum(), (offsets * position * position).sum()
+
+
 def _device_fields(call: LocalCall, world_size: int) -> Tensor:
-    """cu_last, cu_sum, padded_last, padded_bad, padded_short, computed where cu_seqlens lives."""
+    """cu_last, cu_print, cu_print2, padded_last, padded_print, padded_bad, padded_short, computed
+    where cu_seqlens lives."""
     cu = call.cu_seqlens
     if cu is None:
-        return torch.zeros(5, dtype=torch.int64)
+        return torch.zeros(7, dtype=torch.int64, device=call.x.device)
     cu = cu.long()
     # zigzag varlen slices by cu_seqlens_padded, cu_seqlens by default (other layouts ignore these)
     padded = cu if call.cu_seqlens_padded is None else call.cu_seqlens_padded.long()
     lengths = padded[1:] - padded[:-1]
     bad = (padded[0] != 0) | (lengths < 0).any() | (lengths % (2 * world_size) != 0).any()
     short = ((cu[1:] - cu[:-1]) > lengths).any()
-    return torch.stack([cu[-1], cu.sum(), padded[-1], bad.long(), short.long()])
+    cu_prints, padded_print = _fingerprints(cu), _fingerprints(padded)[0]
+    return torch.stack([cu[-1], *cu_prints, padded[-1], padded_print, bad.long(), short.long()])
 
 
 def exchange_metadata(op: str, layout: str, group: Group, call: LocalCall | None, error: Exception | None):
     """All-gathers every rank's metadata row and raises, on every rank alike, the first problem:
     a rank whose local checks failed, or ranks that disagree or do not add up. Returns the rows."""
-    device = _collective_device(group.group)
+    device = _collective_device(group.group, None if call is None else call.x)
     layout_code = LAYOUTS.index(layout) if layout in LAYOUTS else -1
     if call is None:
-        row = torch.tensor([1, 0, layout_code] + [0] * (len(FIELDS) - 3), dtype=torch.int64)
+        row = torch.tensor([1, 0, layout_code] + [0] * (len(FIELDS) - 3), dtype=torch.int64, device=device)
     else:
         x = call.x
         varlen = call.cu_seqlens is not None
@@ -120,9 +132,10 @@ def exchange_metadata(op: str, layout: str, group: Group, call: LocalCall | None
             _DTYPES.index(x.dtype),
             local_len,
         ]
-        row = torch.cat([torch.tensor(host, dtype=torch.int64), _device_fields(call, group.world_size).cpu()])
+        fields = _device_fields(call, group.world_size).to(device)  # no host round trip
+        row = torch.cat([torch.tensor(host, dtype=torch.int64, device=device), fields])
     row[FIELDS.index("op")] = _op_code(op)
-    gathered = _all_gather(row.to(device), group).tolist()
+    gathered = _all_gather(row, group).tolist()  # the call's one host sync
     rows = [dict(zip(FIELDS, values, strict=True)) for values in gathered]
     _raise_local_errors(rows, error, group)
     _check_agreement(op, rows, group)
@@ -190,7 +203,8 @@ def _check_agreement(op: str, rows, group: Group) -> None:
     if varlen:
         checks += [
             ("cu_last", "cu_seqlens (the global offsets)"),
-            ("cu_sum", "cu_seqlens (the global offsets)"),
+            ("cu_print", "cu_seqlens (the global offsets)"),
+            ("cu_print2", "cu_seqlens (the global offsets)"),
         ]
     for field, what in checks:
         if differ(field):
@@ -212,14 +226,14 @@ def _check_agreement(op: str, rows, group: Group) -> None:
             f"local lengths {lengths}"
         )
     if layout == "zigzag" and varlen:
-        if differ("padded_last"):
+        if differ("padded_last") or differ("padded_print"):
             raise ValueError("cu_seqlens_padded must be the same on every rank")
-        if rows[0]["padded_bad"]:
+        if any(_values(rows, "padded_bad")):
             raise ValueError(
                 f"cu_seqlens_padded (default: cu_seqlens) must start at 0 and every padded length must "
                 f"be divisible by 2W = {parts} (zigzag cuts each sequence into 2W equal slices)"
             )
-        if rows[0]["padded_short"]:
+        if any(_values(rows, "padded_short")):
             raise ValueError("cu_seqlens: a sequence is longer than its padded length in cu_seqlens_padded")
         expected = rows[0]["padded_last"] // world
         if any(length != expected for length in lengths):
@@ -261,7 +275,8 @@ def all_gather_states(states: list[Tensor], group: Group) -> list[Tensor]:
     out, offset = [], 0
     for t in states:
         nbytes = t.numel() * t.element_size()
-        field = gathered[:, offset : offset + nbytes].contiguous().view(t.dtype)
+        # reshape(-1) first: a zero-width slice keeps a row stride .view(dtype) cannot take
+        field = gathered[:, offset : offset + nbytes].reshape(-1).view(t.dtype)
         field = field.reshape(group.world_size * t.shape[0], *t.shape[1:])
         out.append(field.index_select(0, owners))
         offset += nbytes + (-nbytes % 8)

@@ -16,7 +16,7 @@ holds k = r and k = 2W-1-r). The combine folds the slices of each sequence in k 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 
 import torch
@@ -92,10 +92,11 @@ def shard(
         slices = t.chunk(parts, dim)
         return torch.cat([slices[rank], slices[parts - 1 - rank]], dim)
     bounds = cu_seqlens_padded.tolist()
-    if bounds[-1] != t.shape[dim] or any((b - a) % parts or b < a for a, b in pairwise(bounds)):
+    uneven = any((b - a) % parts or b < a for a, b in pairwise(bounds))
+    if bounds[0] != 0 or bounds[-1] != t.shape[dim] or uneven:
         raise ValueError(
-            f"cu_seqlens_padded must end at t.shape[{dim}] = {t.shape[dim]} with every padded length "
-            f"divisible by 2W = {parts}, got {bounds}"
+            f"cu_seqlens_padded must start at 0 and end at t.shape[{dim}] = {t.shape[dim]} with every "
+            f"padded length divisible by 2W = {parts}, got {bounds}"
         )
     pieces = []
     for start, end in pairwise(bounds):
@@ -117,7 +118,7 @@ class Pieces:
     caller's tensors where possible (the autograd graph maps their gradients back).
     """
 
-    x: Tensor
+    x: Tensor | None  # None once without_inputs()
     mask: Tensor | None
     scores: Tensor | None
     cu_seqlens: Tensor | None  # (P + 1,) local segments (varlen)
@@ -138,6 +139,11 @@ class Pieces:
     def per_piece(self, per_segment: Tensor) -> Tensor:
         """(P, ...) -> (slots, B, ...): the states of this rank's slices of every sequence."""
         return per_segment[self.piece_segment]
+
+    def without_inputs(self) -> Pieces:
+        """The segment bookkeeping alone, for backward: the inputs it needs are saved by autograd,
+        and holding x here would keep the local hidden states alive for ops that save none."""
+        return replace(self, x=None, mask=None, scores=None)
 
 
 def _one_slice_per_sequence(batch: int, slice_index: int, device) -> tuple[Tensor, Tensor, Tensor]:

@@ -16,7 +16,7 @@ full gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -103,7 +103,7 @@ class ReplicatedKernelOp(torch.autograd.Function):
         combine = _combine_pool if call.spec.kind == "pool" else _combine_attention
         out, substituted = combine(call, outputs)
         call.spec.save(ctx, inputs, substituted)
-        ctx.call = call
+        ctx.call = replace(call, pieces=call.pieces.without_inputs())
         return out
 
     @staticmethod
@@ -125,7 +125,7 @@ class _ReplicatedTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_rows: Tensor, combined: Tensor, is_winner: Tensor, pieces: Pieces):
         ctx.save_for_backward(is_winner)
-        ctx.pieces = pieces
+        ctx.pieces = pieces.without_inputs()
         return combined.clone()
 
     @staticmethod

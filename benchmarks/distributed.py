@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fused_pool  # noqa: E402
 import fused_pool.distributed as fd  # noqa: E402
 from fused_pool.distributed import collective  # noqa: E402
+from fused_pool.distributed.layout import slice_owners  # noqa: E402
 
 COLUMNS = [
     "op", "layout", "format", "B", "L_or_T", "H", "heads", "dtype", "world_size", "backend", "method",
@@ -89,14 +90,6 @@ def _all_gather_cat(t: torch.Tensor, dim: int, rank: int, order: list[int] | Non
     return torch.cat([halves[i] for i in order], dim)
 
 
-def _zigzag_order(world_size: int) -> list[int]:
-    """For each slice k in position order, its place among the gathered halves (rank r: 2r, 2r+1)."""
-    place = {}
-    for rank in range(world_size):
-        place[rank], place[2 * world_size - 1 - rank] = 2 * rank, 2 * rank + 1
-    return [place[k] for k in range(2 * world_size)]
-
-
 def _inputs(case: Case, rank: int, world_size: int, dtype):
     gen = torch.Generator().manual_seed(rank)
     local = case.length // world_size
@@ -120,7 +113,7 @@ def _methods(case: Case, rank: int, world_size: int, backend: str):
     """{method: fn(x, other, kwargs) -> (B, H)}."""
     backend_arg = {} if case.op in ("first_token", "last_token") else dict(backend=backend)
     dim = 0 if case.varlen else 1
-    order = _zigzag_order(world_size) if case.layout == "zigzag" else None
+    order = slice_owners("zigzag", world_size) if case.layout == "zigzag" else None
     per_token = case.op == "attention_pool"
 
     def distributed(x, other, kwargs):

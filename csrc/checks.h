@@ -137,7 +137,6 @@ inline void check_pool_backward(at::DeviceType kernel, const at::Tensor& grad_ou
   c.mode(mode, false);
   const Dims d = c.x("x_shape / x_dtype", x_shape, x_dtype, cu_seqlens);
   c.mask(mask, d);
-  c.device("grad_out", grad_out);
   c.floating("grad_out", grad_out.scalar_type());
   c.shape("grad_out", grad_out, {d.num_seqs, d.hidden * (mode == (kMean | kMax) ? 2 : 1)},
           mode == (kMean | kMax) ? "(B, 2H)" : "(B, H)");

@@ -15,6 +15,27 @@ inline at::ScalarType accumulation_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The outputs of a pool forward (fused_pool/specs.py): out (B, H or 2H) in x's dtype, or in the
+// accumulation type with the kStates bit; den (B,) for mean modes, argmax (B, H) int32 for max
+// modes, else empty. `mode` is the reduction alone (kStates stripped).
+struct PoolOutputs {
+  int mode;
+  bool states;
+  at::Tensor out, den, argmax;
+};
+
+inline PoolOutputs pool_outputs(const at::Tensor& x, int64_t num_seqs, int64_t hidden, int64_t mode) {
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  const bool states = (mode & kStates) != 0;
+  const int reduction = static_cast<int>(mode & (kMean | kMax));
+  return {reduction, states,
+          at::empty({num_seqs, hidden * (reduction == (kMean | kMax) ? 2 : 1)},
+                    x.options().dtype(states ? acc : x.scalar_type())),
+          at::empty({(reduction & kMean) ? num_seqs : 0}, x.options().dtype(acc)),
+          at::empty((reduction & kMax) ? at::IntArrayRef{num_seqs, hidden} : at::IntArrayRef{0},
+                    x.options().dtype(at::kInt))};
+}
+
 // Everything a kernel needs to find each sequence's rows and their weights. The storage tensors
 // keep converted copies alive (only for mask dtypes the kernels do not read directly).
 struct Batch {

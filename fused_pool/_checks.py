@@ -12,7 +12,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _shape(t: Tensor) -> str:
+def shape_str(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
@@ -50,7 +50,7 @@ def check_pool_inputs(
     if cu_seqlens is None:
         if x.dim() != 3:
             raise ValueError(
-                f"x must be (B, L, H) when cu_seqlens is None, got shape {_shape(x)}; "
+                f"x must be (B, L, H) when cu_seqlens is None, got shape {shape_str(x)}; "
                 "pass cu_seqlens for varlen (T, H) input"
             )
         if mask is not None:
@@ -59,8 +59,8 @@ def check_pool_inputs(
                 raise TypeError(f"mask must be bool, integer or floating, got dtype {mask.dtype}")
             if tuple(mask.shape) != tuple(x.shape[:2]):
                 raise ValueError(
-                    f"mask must be (B, L) = ({x.shape[0]}, {x.shape[1]}) to match x {_shape(x)}, "
-                    f"got shape {_shape(mask)}"
+                    f"mask must be (B, L) = ({x.shape[0]}, {x.shape[1]}) to match x {shape_str(x)}, "
+                    f"got shape {shape_str(mask)}"
                 )
             _require_same_device("mask", mask, x)
         return x
@@ -71,12 +71,12 @@ def check_pool_inputs(
     if cu_seqlens.dtype not in INDEX_DTYPES:
         raise TypeError(f"cu_seqlens must be int32 or int64, got dtype {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be 1-D of shape (B + 1,), got shape {_shape(cu_seqlens)}")
+        raise ValueError(f"cu_seqlens must be 1-D of shape (B + 1,), got shape {shape_str(cu_seqlens)}")
     _require_same_device("cu_seqlens", cu_seqlens, x)
     if x.dim() == 3 and x.shape[0] == 1:
         x = x[0]  # HF's flattening collator gives (1, T, H)
     if x.dim() != 2:
-        raise ValueError(f"x must be (T, H) or (1, T, H) when cu_seqlens is given, got shape {_shape(x)}")
+        raise ValueError(f"x must be (T, H) or (1, T, H) when cu_seqlens is given, got shape {shape_str(x)}")
     if mask is not None:
         _check_varlen_weights(mask, x)
     return x
@@ -90,8 +90,8 @@ def _check_varlen_weights(weights: Tensor, x: Tensor) -> None:
         raise TypeError(f"{expected} floating per-token weights (T,); got dtype {weights.dtype}")
     if weights.dim() != 1 or weights.shape[0] != x.shape[0]:
         raise ValueError(
-            f"{expected} per-token weights of shape (T,) = ({x.shape[0]},) matching x {_shape(x)}; "
-            f"got shape {_shape(weights)}"
+            f"{expected} per-token weights of shape (T,) = ({x.shape[0]},) matching x {shape_str(x)}; "
+            f"got shape {shape_str(weights)}"
         )
     _require_same_device("mask", weights, x)
 
@@ -109,7 +109,9 @@ def check_scores(scores: Tensor, x: Tensor, varlen: bool) -> int:
     elif scores.dim() == len(tokens) + 1 and tuple(scores.shape[:-1]) == tokens:
         num_heads = scores.shape[-1]
     else:
-        raise ValueError(f"scores must be {expected} matching x {_shape(x)}, got shape {_shape(scores)}")
+        raise ValueError(
+            f"scores must be {expected} matching x {shape_str(x)}, got shape {shape_str(scores)}"
+        )
     _require_heads_divide("scores", num_heads, x.shape[-1])
     return num_heads
 
@@ -126,7 +128,7 @@ def check_query(query: Tensor, x: Tensor) -> int:
     if query.dim() == 2 and query.shape[0] >= 1 and query.shape[0] * query.shape[1] == hidden:
         return query.shape[0]
     raise ValueError(
-        f"query must be (H,) = ({hidden},) or (nh, H/nh) with nh dividing H, got {_shape(query)}"
+        f"query must be (H,) = ({hidden},) or (nh, H/nh) with nh dividing H, got {shape_str(query)}"
     )
 
 
@@ -150,7 +152,7 @@ def validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int | None = None) -> No
     if cu_seqlens.dtype not in INDEX_DTYPES:
         raise TypeError(f"cu_seqlens must be int32 or int64, got dtype {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be 1-D of shape (B + 1,), got shape {_shape(cu_seqlens)}")
+        raise ValueError(f"cu_seqlens must be 1-D of shape (B + 1,), got shape {shape_str(cu_seqlens)}")
     first = int(cu_seqlens[0])
     if first != 0:
         raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {first}")

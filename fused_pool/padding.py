@@ -20,6 +20,7 @@ __all__ = [
     "Unpadded",
     "cu_seqlens_from_mask",
     "cu_seqlens_from_position_ids",
+    "cu_seqlens_from_starts",
     "pad",
     "segment_bounds",
     "unpad",
@@ -67,9 +68,13 @@ def cu_seqlens_from_position_ids(position_ids: Tensor, num_sequences: int | None
         or (position_ids.dim() == 2 and position_ids.shape[0] != 1)
     ):
         raise ValueError("position_ids must be (T,) or (1, T)")
-    position_ids = position_ids.reshape(-1)
-    num_tokens = position_ids.shape[0]
-    is_start = position_ids == 0
+    return cu_seqlens_from_starts(position_ids.reshape(-1) == 0, num_sequences)
+
+
+def cu_seqlens_from_starts(is_start: Tensor, num_sequences: int | None = None) -> Tensor:
+    """(B + 1,) int32 offsets from (T,) flags marking each sequence's first token. Reads back to the
+    host unless `num_sequences` (B) is given (then missing starts are padded with T)."""
+    num_tokens = is_start.shape[0]
     if num_sequences is None:
         starts = is_start.nonzero().reshape(-1)
     else:

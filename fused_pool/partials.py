@@ -14,7 +14,7 @@ position wins, a NaN wins over numbers; split softmax merges with weights l_k ex
 
 The states come from any backend's forward kernels: the pool forward with the STATES mode bit
 (`pool_states`: float32 / float64 sums, not means rebuilt from a rounded output) and the attention
-forward as it is (`softmax_state`: its output and (m, l) are the state). The combines
+forward as it is (its (out, stats) is a SoftmaxState). The combines
 take them stacked along a leading piece axis in position order and fold that axis with elementwise
 operations in a fixed order, so that the result is bitwise the same on every device that runs it.
 fused_pool.distributed all-gathers these states across ranks; the fused kernels' own split paths
@@ -61,11 +61,6 @@ def pool_states(
     mean = MeanState(out[..., :hidden], den) if mode & MEAN else None
     maximum = MaxState(out[..., -hidden:], argmax) if mode & MAX else None
     return mean, maximum
-
-
-def softmax_state(outputs: tuple[Tensor, Tensor]) -> SoftmaxState:
-    """The state of an attention forward's (out, stats)."""
-    return SoftmaxState(*outputs)
 
 
 def combine_mean(pieces: MeanState) -> MeanState:

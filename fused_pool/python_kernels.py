@@ -8,6 +8,7 @@ imported on the first call only: importing fused_pool must stay cheap.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ _TRITON_MODULES = {
 }
 
 
+@functools.cache
 def _launchers(backend: str, kind: str):
     if backend == "torch":
         return importlib.import_module("fused_pool.torch_kernels")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .padding import segment_bounds
+from .partials import MeanState, mean_of
 from .specs import MAX, MEAN, STATES, accumulation_dtype
 
 _NO_INDEX = torch.iinfo(torch.int64).max
@@ -96,11 +97,8 @@ def _mean(x: Tensor, seg: Segments, acc: torch.dtype, states: bool) -> tuple[Ten
     """(mean (B, H), 0 where the weights sum to 0; or with `states` the sum of w x), sum of w (B,)."""
     weight = seg.weight
     weighted = torch.where(_expand(seg.keep, x), x.to(acc) * _expand(weight, x), 0)
-    total, den = seg.sum(weighted), seg.sum(weight)
-    if states:
-        return total, den
-    nonzero = den != 0
-    return torch.where(nonzero[:, None], total / torch.where(nonzero, den, 1)[:, None], 0), den
+    state = MeanState(seg.sum(weighted), seg.sum(weight))
+    return (state.total if states else mean_of(state)), state.den
 
 
 def _max(x: Tensor, seg: Segments) -> tuple[Tensor, Tensor]:

@@ -28,15 +28,7 @@ from helpers import assert_close, assert_within_reference_error, cu_seqlens_of, 
 import fused_pool.distributed as fd
 from fused_pool import reference
 
-OPS = (
-    "masked_mean",
-    "masked_max",
-    "masked_mean_max",
-    "attention_pool",
-    "query_attention_pool",
-    "first_token",
-    "last_token",
-)
+OPS = tuple(reference.__all__)  # every pooling op
 FORMATS = (("contiguous", False), ("contiguous", True), ("zigzag", False), ("zigzag", True))
 SELECTIONS = ("masked_max", "first_token", "last_token")  # outputs are copies of x: exact
 BATCH, HIDDEN, HEADS = 4, 8, 2

@@ -158,7 +158,7 @@ def test_softmax_chunks_combine_into_the_whole(backend, device):
     attention = kernels(backend, "attention")
     cuts = _chunks(19, gen)
     states = [
-        partials.softmax_state(attention.forward(x[:, a:b], scores[:, a:b], None, None, None))
+        partials.SoftmaxState(*attention.forward(x[:, a:b], scores[:, a:b], None, None, None))
         for a, b in pairwise(cuts)
     ]
     combined = partials.combine_softmax(_stacked(partials.SoftmaxState, states))

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from fused_pool.specs import MAX, MEAN, MEAN_MAX  # imported once fused_pool is (triton_check.collect)
+
 # Hidden size for the pool ops, head size for the attention ops (H = size * heads).
 SIZES = (64, 768, 1000, 4096, 8192, 16384)
 HEADS = (1, 12)
@@ -100,7 +102,7 @@ def inputs(case: Case):
         kwargs["cu_seqlens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
         mask = _mask(case.mask, tokens, dtype)
     if case.op in STATES_OPS:
-        mode = {"mean_states": 1, "max_states": 2, "mean_max_states": 3}[case.op]
+        mode = {"mean_states": MEAN, "max_states": MAX, "mean_max_states": MEAN_MAX}[case.op]
         return "pool_states", (x, mask, kwargs.get("cu_seqlens"), kwargs.get("max_seqlen"), mode), {}, ()
     x.requires_grad_(True)
     if case.op in POOL_MODES:

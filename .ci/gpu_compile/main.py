@@ -3,8 +3,9 @@ compile for sm_80 and sm_90 without spilling, on a machine with no GPU.
 
 - Triton: under CI's Triton (this Python's) and under the GPU image's Triton (3.6.0, in a side venv
   created on first use), see triton_check.py.
-- CUDA: `nvcc -cubin -Xptxas -v` of csrc/cuda/*.cu for sm_80 and sm_90; spill stores / loads fail
-  except for the allowlisted instantiations below.
+- CUDA: `nvcc -cubin -Werror all-warnings -Xptxas -v` of csrc/cuda/*.cu for sm_80 and sm_90 (the
+  one place CI compiles them); warnings, and spill stores / loads except for the allowlisted
+  instantiations below, fail.
 
 Prints a table (registers, stack, shared memory, 128-bit global loads / stores, async copies),
 the failing specializations, and last `check_gpu_compile: N specializations, E errors, S spills`.
@@ -162,7 +163,8 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 def compile_cuda(source: str, arch: int, workdir: str, nvcc: str, cuobjdump: str | None) -> dict:
     cubin = os.path.join(workdir, f"{os.path.basename(source)}.sm_{arch}.cubin")
-    command = [nvcc, "-cubin", "-std=c++17", "-O3", f"-arch=sm_{arch}", "-Xptxas", "-v", "-o", cubin, source]
+    command = [nvcc, "-cubin", "-std=c++17", "-O3", f"-arch=sm_{arch}", "-Werror", "all-warnings"]
+    command += ["-Xptxas", "-v", "-o", cubin, source]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     result = {"source": os.path.relpath(source, REPO), "arch": arch, "kernels": [], "error": None}
     if done.returncode != 0:

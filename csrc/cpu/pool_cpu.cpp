@@ -195,23 +195,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd_cpu(const at::Tensor& x,
   check_pool_forward(at::kCPU, x, mask, cu_seqlens, max_seqlen, mode);  // max_seqlen: unused, the plan reads lengths
   const Batch batch = make_batch(x, mask, cu_seqlens);
   const Geometry& g = batch.geometry;
-  const at::ScalarType acc = accumulation_type(x.scalar_type());
-  const bool states = (mode & kStates) != 0;
-  const int reduction = static_cast<int>(mode & (kMean | kMax));
-  at::Tensor out = at::empty({g.num_seqs, g.hidden * (reduction == (kMean | kMax) ? 2 : 1)},
-                             x.options().dtype(states ? acc : x.scalar_type()));
-  at::Tensor den = at::empty({(reduction & kMean) ? g.num_seqs : 0}, x.options().dtype(acc));
-  at::Tensor argmax = (reduction & kMax) ? at::empty({g.num_seqs, g.hidden}, x.options().dtype(at::kInt))
-                                         : at::empty({0}, x.options().dtype(at::kInt));
+  PoolOutputs o = pool_outputs(x, g.num_seqs, g.hidden, mode);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_fwd_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    if (states) {
-      pool_forward_kernel<scalar_t, Acc, Acc>(x, batch, reduction, true, out, den, argmax);
+    if (o.states) {
+      pool_forward_kernel<scalar_t, Acc, Acc>(x, batch, o.mode, true, o.out, o.den, o.argmax);
     } else {
-      pool_forward_kernel<scalar_t, Acc, scalar_t>(x, batch, reduction, false, out, den, argmax);
+      pool_forward_kernel<scalar_t, Acc, scalar_t>(x, batch, o.mode, false, o.out, o.den, o.argmax);
     }
   });
-  return {out, den, argmax};
+  return {o.out, o.den, o.argmax};
 }
 
 template <typename T, typename Acc>

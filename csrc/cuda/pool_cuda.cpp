@@ -19,13 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd_cuda(const at::Tensor& x
   const Batch batch = make_batch(x, mask, cu_seqlens);
   const Geometry& g = batch.geometry;
   const at::ScalarType acc = accumulation_type(x.scalar_type());
-  const bool states = (mode & kStates) != 0;
-  mode &= kMean | kMax;
-  at::Tensor out = at::empty({g.num_seqs, g.hidden * (mode == (kMean | kMax) ? 2 : 1)},
-                             x.options().dtype(states ? acc : x.scalar_type()));
-  at::Tensor den = at::empty({(mode & kMean) ? g.num_seqs : 0}, x.options().dtype(acc));
-  at::Tensor argmax = at::empty((mode & kMax) ? at::IntArrayRef{g.num_seqs, g.hidden} : at::IntArrayRef{0},
-                                x.options().dtype(at::kInt));
+  PoolOutputs outputs = pool_outputs(x, g.num_seqs, g.hidden, mode);
+  mode = outputs.mode;
+  at::Tensor &out = outputs.out, &den = outputs.den, &argmax = outputs.argmax;
   if (g.num_seqs == 0 || g.hidden == 0) return {out, den.zero_(), argmax.fill_(-1)};
 
   cuda::PoolForward args{};
@@ -35,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_fwd_cuda(const at::Tensor& x
   args.mask = batch.mask;
   args.cu_seqlens = batch.cu_seqlens;
   args.mode = static_cast<int>(mode);
-  args.states = states;
+  args.states = outputs.states;
   args.out = out.mutable_data_ptr();
   args.den = den.mutable_data_ptr();
   args.argmax = argmax.mutable_data_ptr<int32_t>();

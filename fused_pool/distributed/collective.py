@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import functional
 from .layout import LAYOUTS, slice_owners, slices_per_rank
 
 FIELDS = (
@@ -142,15 +143,7 @@ def exchange_metadata(op: str, layout: str, group: Group, call: LocalCall | None
     return rows
 
 
-_OPS = (
-    "masked_mean",
-    "masked_max",
-    "masked_mean_max",
-    "attention_pool",
-    "query_attention_pool",
-    "first_token",
-    "last_token",
-)
+_OPS = tuple(functional.__all__)  # the pooling ops; a call's op travels as its index here
 
 
 def _op_code(op: str) -> int:

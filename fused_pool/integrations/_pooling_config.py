@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .. import nn as fnn
+from ..nn.pools import base_output_size
 
 __all__ = [
     "POOLING_MODES",
@@ -195,10 +196,5 @@ def make_pooler(pooling: str | nn.Module, pooling_kwargs: dict | None, config) -
 
 
 def pooler_output_size(pooler: nn.Module, config) -> int:
-    output_size = getattr(pooler, "output_size", None)
-    if output_size is None:
-        raise TypeError(
-            f"pooling module {type(pooler).__name__} has no output_size(hidden_size) method, so the "
-            "classifier's input size is unknown; give it one (fused_pool.nn modules have it)"
-        )
-    return output_size(model_sizes(config)[0])
+    """The classifier's input size: the pooler's output width on `config`'s model."""
+    return base_output_size(pooler, model_sizes(config)[0])

@@ -17,7 +17,10 @@ from transformers.modeling_outputs import (
     ModelOutput,
 )
 
-__all__ = ["resolve_flag", "run_and_pool", "shape_str", "with_pooler_output"]
+from .._checks import shape_str
+from ..padding import cu_seqlens_from_starts
+
+__all__ = ["resolve_flag", "run_and_pool", "with_pooler_output"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -30,10 +33,6 @@ def _forward_parameters(forward) -> tuple[frozenset[str], bool]:
 def _accepts(backbone: nn.Module, name: str) -> bool:
     names, takes_any = _forward_parameters(type(backbone).forward)
     return takes_any or name in names
-
-
-def shape_str(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def _packed_cu_seqlens(
@@ -56,17 +55,12 @@ def _packed_cu_seqlens(
     positions = position_ids.reshape(-1)
     is_start = torch.ones_like(positions, dtype=torch.bool)
     is_start[1:] = positions[1:] != positions[:-1] + 1  # a sequence starts where positions do not go on
-    if num_sequences is None:
-        starts = is_start.nonzero().reshape(-1)
-    else:
-        if positions.device.type == "cpu" and int(is_start.sum()) != num_sequences:
-            raise ValueError(
-                f"labels has {num_sequences} rows, but the packed batch holds {int(is_start.sum())} "
-                "sequences (from position_ids); a packed batch takes one label per sequence"
-            )
-        starts = torch.nonzero_static(is_start, size=num_sequences, fill_value=positions.shape[0]).reshape(-1)
-    end = torch.full((1,), positions.shape[0], dtype=starts.dtype, device=starts.device)
-    return torch.cat([starts, end]).to(torch.int32)
+    if num_sequences is not None and positions.device.type == "cpu" and int(is_start.sum()) != num_sequences:
+        raise ValueError(
+            f"labels has {num_sequences} rows, but the packed batch holds {int(is_start.sum())} "
+            "sequences (from position_ids); a packed batch takes one label per sequence"
+        )
+    return cu_seqlens_from_starts(is_start, num_sequences)
 
 
 def run_and_pool(

@@ -49,8 +49,9 @@ from transformers import (
 from transformers import PretrainedConfig as _Config
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from .._checks import shape_str
 from ._pooling_config import POOLING_MODES, canonical_mode, make_pooler, module_spec, pooler_output_size
-from ._transformers_forward import resolve_flag, run_and_pool, shape_str, with_pooler_output
+from ._transformers_forward import resolve_flag, run_and_pool, with_pooler_output
 
 __all__ = [
     "POOLING_MODES",

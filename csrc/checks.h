@@ -152,35 +152,49 @@ inline void check_pool_backward(at::DeviceType kernel, const at::Tensor& grad_ou
   }
 }
 
-// ext_attention_fwd (scores (B, L, nh) / (T, nh)) and ext_query_attention_fwd (query (nh, H / nh));
-// returns nh. Varlen takes a per-token mask (T,), as pool does.
-inline int64_t check_attention_forward(at::DeviceType kernel, const char* op, const at::Tensor& x,
-                                       const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& query,
-                                       const std::optional<at::Tensor>& mask,
-                                       const std::optional<at::Tensor>& cu_seqlens,
-                                       std::optional<int64_t> max_seqlen) {
-  const ArgChecks c(op, kernel, "x", x);
+// The inputs shared by the attention forwards and backwards: x, the mask, and scores (B, L, nh) /
+// (T, nh) or query (nh, H / nh). Returns x's dims and nh.
+struct AttentionDims {
+  Dims d;
+  int64_t num_heads;
+};
+
+inline AttentionDims check_attention_inputs(const ArgChecks& c, const at::Tensor& x,
+                                            const std::optional<at::Tensor>& scores,
+                                            const std::optional<at::Tensor>& query,
+                                            const std::optional<at::Tensor>& mask,
+                                            const std::optional<at::Tensor>& cu_seqlens) {
   const Dims d = c.x("x", x.sizes(), x.scalar_type(), cu_seqlens);
   c.mask(mask, d);
-  c.max_seqlen(max_seqlen);
   if (query.has_value()) {
     c.device("query", *query);
     c.floating("query", query->scalar_type());
-    TORCH_CHECK(query->dim() == 2, op, ": query must be (nh, H / nh), got shape ", query->sizes());
+    TORCH_CHECK(query->dim() == 2, c.op(), ": query must be (nh, H / nh), got shape ", query->sizes());
     c.heads("query", query->size(0), d);
     c.shape("query", *query, {query->size(0), d.hidden / query->size(0)}, "(nh, H / nh)");
-    return query->size(0);
+    return {d, query->size(0)};
   }
   c.device("scores", *scores);
   c.floating("scores", scores->scalar_type());
   const std::vector<int64_t> tokens =
       d.varlen ? std::vector<int64_t>{d.num_rows} : std::vector<int64_t>{d.num_seqs, d.seq_len};
   const int64_t rank = static_cast<int64_t>(tokens.size()) + 1;
-  TORCH_CHECK(scores->dim() == rank && scores->sizes().slice(0, rank - 1) == at::IntArrayRef(tokens), op,
+  TORCH_CHECK(scores->dim() == rank && scores->sizes().slice(0, rank - 1) == at::IntArrayRef(tokens), c.op(),
               ": scores must be ", d.varlen ? "(T, nh) with T = " : "(B, L, nh) with (B, L) = ",
               at::IntArrayRef(tokens), ", got shape ", scores->sizes());
   c.heads("scores", scores->size(-1), d);
-  return scores->size(-1);
+  return {d, scores->size(-1)};
+}
+
+// ext_attention_fwd (scores) and ext_query_attention_fwd (query). Varlen takes a per-token mask
+// (T,), as pool does.
+inline void check_attention_forward(at::DeviceType kernel, const char* op, const at::Tensor& x,
+                                    const std::optional<at::Tensor>& scores, const std::optional<at::Tensor>& query,
+                                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
+                                    std::optional<int64_t> max_seqlen) {
+  const ArgChecks c(op, kernel, "x", x);
+  check_attention_inputs(c, x, scores, query, mask, cu_seqlens);
+  c.max_seqlen(max_seqlen);
 }
 
 // ext_attention_bwd / ext_query_attention_bwd: the forward's arguments plus grad_out (B, H), out
@@ -190,9 +204,8 @@ inline void check_attention_backward(at::DeviceType kernel, const char* op, cons
                                      const std::optional<at::Tensor>& query, const std::optional<at::Tensor>& mask,
                                      const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& out,
                                      const at::Tensor& stats) {
-  const int64_t num_heads = check_attention_forward(kernel, op, x, scores, query, mask, cu_seqlens, std::nullopt);
   const ArgChecks c(op, kernel, "x", x);
-  const Dims d = c.x("x", x.sizes(), x.scalar_type(), cu_seqlens);
+  const auto [d, num_heads] = check_attention_inputs(c, x, scores, query, mask, cu_seqlens);
   const at::ScalarType acc = accumulation_type(x.scalar_type());
   c.device("grad_out", grad_out);
   c.floating("grad_out", grad_out.scalar_type());

@@ -44,20 +44,9 @@ from torch import Tensor
 
 from . import python_kernels
 from .backends import BACKENDS
-
-MEAN, MAX, MEAN_MAX = 1, 2, 3  # pool mode bits: 1 = mean, 2 = max
-STATES = 4  # forward only: out holds the partial states (sum of w x, max) in the accumulation dtype
+from .contract import MAX, MEAN, MEAN_MAX, STATES, accumulation_dtype, num_seqs
 
 EXTENSION = "extension"  # a backend table entry: the extension's registered C++ ops
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Every backend accumulates in float32, float64 for float64 inputs; softmax statistics too."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def num_seqs(x: Tensor, cu_seqlens: Tensor | None) -> int:
-    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,25 @@
+"""The facts every kernel of every backend shares: the pool mode bits, the partial-state flag, the
+accumulation dtype rule and the batch size of a padded or varlen input.
+
+A leaf module: it imports nothing from fused_pool, so that the kernels (fused_pool.torch_kernels,
+fused_pool.triton_kernels), the partial states, the reference, the specs, the tests and the CI
+checks can all import it without a cycle. The C++ side mirrors these values in csrc/common.h.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MEAN, MAX, MEAN_MAX = 1, 2, 3  # pool mode bits: 1 = mean, 2 = max
+STATES = 4  # forward only: out holds the partial states (sum of w x, max) in the accumulation dtype
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Every backend accumulates in float32, float64 for float64 inputs; softmax statistics too."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_seqs(x: Tensor, cu_seqlens: Tensor | None) -> int:
+    """B: x's leading dimension when padded (B, L, H), len(cu_seqlens) - 1 when varlen (T, H)."""
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1

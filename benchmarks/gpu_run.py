@@ -58,7 +58,7 @@ STAGES = ("setup", "test", "sanitize", "bench")
 DEVICE_COMMAND_LIMIT_S = 600
 DEVICE_MAX_FILES = 8
 HAND_BACK_S = 30  # budgets end this long before the command limit: summaries, files back
-SMOKE_STAGE_BUDGET_S = 150
+SMOKE_STAGE_BUDGET_S = 300  # a loaded 2-core machine: the test stage took 140 s
 MIN_STAGE_BUDGET_S = 40
 FLAT_NAME = re.compile(r"[A-Za-z0-9._-]+")
 SMOKE_TEST_FILES = ("test_backends.py", "test_pool.py", "test_attention.py", "test_installed_package.py")
@@ -153,7 +153,7 @@ def stage_test(ctx: Context) -> int:
     Report(ctx, ctx.out("tests.txt")).add(
         f"gpu_run test on {ctx.slug}, {ctx.date}: {summary or f'no pytest summary line (rc {result.rc})'}",
         f"pytest exit status: {result.rc}; wall {result.seconds}s",
-        f"command (from a temporary folder outside the source tree): {shlex.join(map(str, command[1:]))}",
+        f"command (from a folder outside the source tree): python {shlex.join(map(str, command[1:]))}",
         versions(ctx),
         probe(ctx, "install")[1],
         reports.outcome_report(junit, result.output),

@@ -201,7 +201,7 @@ def test_budgets_default_to_the_device_limits():
     held = gpu_run.parse_args(["all", "--command-limit", "0"])
     assert (held.stage_list, held.stage_budget, held.call_budget) == (list(gpu_run.STAGES), 570, 0)
     smoke = gpu_run.parse_args(["smoke"])
-    assert (smoke.stage_budget, smoke.call_budget, smoke.max_files) == (150, 0, 0)
+    assert (smoke.stage_budget, smoke.call_budget, smoke.max_files) == (300, 0, 0)
     with pytest.raises(SystemExit):
         gpu_run.parse_args(["setup,tests"])
 

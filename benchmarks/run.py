@@ -5,8 +5,10 @@
     python benchmarks/run.py --device cpu --ops masked_mean attention_pool --dtypes float32
 
 Writes one CSV per run to --out (default benchmarks/results/), named by device, date and time, plots
-next to it (matplotlib), and prints a table. Providers, timing and the byte floor behind GB/s are
-described in providers.py and measure.py.
+next to it (matplotlib), and prints a table. Every row names where it was measured: the device (GPU
+name, or CPU model and the cores this process may use), torch / triton / CUDA / Python versions,
+the commit ("+dirty" with uncommitted changes) and the date. Providers, timing and the byte floor
+behind GB/s are described in providers.py and measure.py.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ COLUMNS = [
     "torch",
     "triton",
     "cuda",
+    "python",
     "commit",
     "date",
 ]
@@ -94,6 +97,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model and the cores this process may use: "AMD EPYC (2 cores)"."""
     if device == "cuda":
         return torch.cuda.get_device_name()
     model = platform.processor() or "cpu"
@@ -102,29 +106,41 @@ def device_name(device: str) -> str:
             model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model} ({os.cpu_count()} cores)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({cores} cores)"
+
+
+def git_commit() -> str:
+    """The checked-out commit, "+dirty" when tracked files differ from it; "" without git."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return commit
 
 
 def environment(device: str) -> dict[str, str]:
+    """The columns that say where a row was measured: device, versions, commit, date."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = ""
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout
-    except OSError:
-        commit = ""
     return {
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "",
-        "commit": commit.strip(),
+        "python": platform.python_version(),
+        "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
     }
 

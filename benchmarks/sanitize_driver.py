@@ -1,5 +1,5 @@
 """Runs every fused kernel, forward and backward, on small shapes: the workload that
-`benchmarks/gpu_run.sh sanitize` runs under compute-sanitizer (memcheck, racecheck, initcheck,
+`benchmarks/gpu_run.py sanitize` runs under compute-sanitizer (memcheck, racecheck, initcheck,
 synccheck). It also runs on its own, and on CPU (the `cpu` backend and Triton's interpreter).
 
     python benchmarks/sanitize_driver.py                          # CUDA: backends cuda and triton

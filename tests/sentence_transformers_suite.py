@@ -33,6 +33,7 @@ import xml.etree.ElementTree as ElementTree
 
 TEST_FILE = "tests/sentence_transformer/modules/test_pooling.py"
 TINY_MODEL_ID = "sentence-transformers-testing/stsb-bert-tiny-safetensors"
+POOLING_MODULE = "sentence_transformers.sentence_transformer.modules.pooling"
 CLASSES = ("stock", "bare", "patched")
 _SWAP_VARIABLE = "FUSED_POOL_ST_POOLING"
 _FAKE_REVISION = "0" * 40
@@ -56,6 +57,23 @@ def pytest_configure(config) -> None:
 
     swapped = Pooling if which == "bare" else FusedPooling
     modules.Pooling = pooling_module.Pooling = swapped
+    config.fused_pool_swapped = swapped
+
+
+def pytest_collection_finish(session) -> None:
+    """Checks that the swap reached the test files and the loader's class references."""
+    swapped = getattr(session.config, "fused_pool_swapped", None)
+    if swapped is None:
+        return
+    from sentence_transformers.util import import_from_string
+
+    for ref in ("sentence_transformers.models.Pooling", f"{POOLING_MODULE}.Pooling"):
+        if import_from_string(ref) is not swapped:
+            raise RuntimeError(f"the loader resolves {ref} to {import_from_string(ref)}, not {swapped}")
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if getattr(module, "Pooling", swapped) is not swapped:
+            raise RuntimeError(f"{module.__name__} still uses sentence-transformers' Pooling")
 
 
 # --- the offline stand-in for the tiny Hub model ------------------------------------------------------
@@ -142,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.snapshot, args.test_file)):
         parser.error(f"{args.test_file} is not in {args.snapshot}")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import sentence_transformers
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     print(f"sentence-transformers {sentence_transformers.__version__}, {args.test_file}")
     results = {}
     with tempfile.TemporaryDirectory() as work:

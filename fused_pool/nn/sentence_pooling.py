@@ -13,16 +13,23 @@ Deviations from sentence-transformers (every other result matches: float32 withi
 - an integer attention mask keeps tokens where it is nonzero; sentence-transformers multiplies
   by its value (the same for the usual 0 / 1 masks).
 
-No sentence-transformers import is needed to use it. Saved models record sentence-transformers'
-own class (`sentence_transformers.models.Pooling`) and config schema, so they load with or
-without fused_pool (as sentence-transformers' Pooling without it). Nothing here imports
-fused_pool.integrations: the sentence-transformers subclass and swap live there.
+sentence-transformers is not a dependency. Where it is installed, every Pooling is also an instance
+of its Pooling (the first construction imports it), so the library's isinstance-based features
+(set_pooling_include_prompt, on_model_ready, the SparseEncoder / MultiVectorEncoder handling) find
+it: `Pooling(...)` builds an object of `with_sentence_transformers_base(type)`, the class with
+sentence-transformers' Pooling added as a second base. Saved models record sentence-transformers'
+own class (`sentence_transformers.models.Pooling`) and config schema, so they load with or without
+fused_pool (as sentence-transformers' Pooling without it). Nothing here imports
+fused_pool.integrations: the swap of a loaded model's modules lives there.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import types
+import warnings
 from typing import Any
 
 import torch
@@ -33,7 +40,7 @@ from ..padding import segment_bounds
 from ..tokens import first_token, last_token
 from .pools import position_weights
 
-__all__ = ["POOLING_MODES", "Pooling"]
+__all__ = ["POOLING_MODES", "Pooling", "sentence_transformers_pooling", "with_sentence_transformers_base"]
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 # The v5 keyword arguments, in the order v5 concatenated them.
@@ -47,13 +54,16 @@ _LEGACY_MODE_KWARGS = {
 }
 
 
-def _modes_from(pooling_mode, legacy: dict[str, bool]) -> str | tuple[str, ...]:
+def _legacy_modes(legacy: dict[str, bool]) -> str | tuple[str, ...]:
+    """The pooling_mode that the v5 `pooling_mode_*` booleans select (in v5's concatenation order)."""
     unknown = sorted(set(legacy) - set(_LEGACY_MODE_KWARGS))
     if unknown:
         raise TypeError(f"Pooling got unexpected keyword arguments {unknown}")
-    if pooling_mode is None:  # v5 form (converted as sentence-transformers v6 converts it)
-        active = tuple(mode for key, mode in _LEGACY_MODE_KWARGS.items() if legacy.get(key, False))
-        pooling_mode = active or "mean"
+    active = tuple(mode for key, mode in _LEGACY_MODE_KWARGS.items() if legacy.get(key, False))
+    return (active[0] if len(active) == 1 else active) or "mean"
+
+
+def _checked_modes(pooling_mode) -> str | tuple[str, ...]:
     if isinstance(pooling_mode, (list, tuple)):
         pooling_mode = pooling_mode[0] if len(pooling_mode) == 1 else tuple(pooling_mode)
     modes = (pooling_mode,) if isinstance(pooling_mode, str) else pooling_mode
@@ -65,17 +75,35 @@ def _modes_from(pooling_mode, legacy: dict[str, bool]) -> str | tuple[str, ...]:
     return pooling_mode
 
 
+def _convert_legacy_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config in the v6 schema, converted silently (as sentence-transformers' loader does)."""
+    config = dict(config)
+    renamed = config.pop("word_embedding_dimension", None)
+    if renamed is not None:
+        config.setdefault("embedding_dimension", renamed)
+    legacy = {key: config.pop(key) for key in list(config) if key in _LEGACY_MODE_KWARGS}
+    if legacy and "pooling_mode" not in config:
+        config["pooling_mode"] = _legacy_modes(legacy)
+    return config
+
+
 class Pooling(nn.Module):
     """sentence-transformers' Pooling on fused kernels (see the module docstring).
 
     Pooling(embedding_dimension, pooling_mode="mean", include_prompt=True, *, backend=None)
-    Pooling(word_embedding_dimension=..., pooling_mode_mean_tokens=True, ...)  # v5 form
+    Pooling(word_embedding_dimension=..., pooling_mode_mean_tokens=True, ...)  # v5 form: FutureWarning
     """
 
+    POOLING_MODES = POOLING_MODES
     config_keys = ["embedding_dimension", "pooling_mode", "include_prompt"]
+    config_key_renames = {"word_embedding_dimension": "embedding_dimension"}
     config_file_name = "config.json"
     save_in_root = False
     forward_kwargs: set[str] = set()
+
+    def __new__(cls, *args, **kwargs):
+        # Where sentence-transformers is installed, an instance of its Pooling too (module docstring).
+        return super().__new__(with_sentence_transformers_base(cls))
 
     def __init__(
         self,
@@ -87,15 +115,30 @@ class Pooling(nn.Module):
         backend: str | None = None,
         **legacy_modes: bool,
     ) -> None:
-        nn.Module.__init__(self)  # not super(): a subclass may add sentence-transformers' Pooling to the MRO
+        nn.Module.__init__(self)  # not super(): sentence-transformers' Pooling may follow in the MRO
         if word_embedding_dimension is not None:
+            warnings.warn(
+                "The `word_embedding_dimension` argument was renamed and is now deprecated. "
+                "Please use `embedding_dimension` instead.",
+                FutureWarning,
+                stacklevel=2,
+            )
             if embedding_dimension not in (None, word_embedding_dimension):
                 raise ValueError("embedding_dimension and word_embedding_dimension disagree")
             embedding_dimension = word_embedding_dimension
         if embedding_dimension is None:
             raise TypeError("Pooling needs embedding_dimension (or word_embedding_dimension)")
+        if legacy_modes:
+            legacy = _legacy_modes(legacy_modes)  # checks the names (TypeError) even where pooling_mode wins
+            warnings.warn(
+                f"The {', '.join(f'`{key}`' for key in legacy_modes)} argument(s) are deprecated. "
+                "Please use `pooling_mode` instead.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            pooling_mode = legacy if pooling_mode is None else pooling_mode
         self.embedding_dimension = int(embedding_dimension)
-        self.pooling_mode = _modes_from(pooling_mode, legacy_modes)
+        self.pooling_mode = _checked_modes("mean" if pooling_mode is None else pooling_mode)
         self.include_prompt = include_prompt
         self.backend = backend
         self.pooling_output_dimension = len(self.modes) * self.embedding_dimension
@@ -142,19 +185,50 @@ class Pooling(nn.Module):
             json.dump(config, handle, indent=2)
 
     @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> Pooling:
-        """From a saved module folder (either config schema); Hub paths need sentence-transformers."""
+    def load(
+        cls,
+        model_name_or_path: str,
+        subfolder: str = "",
+        token: bool | str | None = None,
+        cache_folder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        init_defaults: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> Pooling:
+        """From a saved module folder or a Hub model (either config schema; the Hub needs
+        sentence-transformers), with sentence-transformers' `Module.load` arguments. The saved config
+        wins over init_defaults. The other keyword arguments of sentence-transformers' loader
+        (trust_remote_code, model_kwargs, processor_kwargs, config_kwargs, and backend, which there
+        names the model's runtime: torch, onnx or openvino) do not apply to pooling and are ignored,
+        as sentence-transformers' Pooling ignores them; the loaded module's kernel backend is
+        chosen automatically."""
         local = os.path.join(model_name_or_path, subfolder, cls.config_file_name)
         if os.path.exists(local):
-            with open(local) as handle:
-                config = json.load(handle)
+            path = local
         else:
-            from sentence_transformers.util import load_file_path
-
-            path = load_file_path(model_name_or_path, cls.config_file_name, subfolder=subfolder, **kwargs)
-            with open(path) as handle:
-                config = json.load(handle)
-        config.pop("backend", None)
+            try:
+                from sentence_transformers.util import load_file_path
+            except ImportError as error:
+                raise ImportError(
+                    f"{local} does not exist, and loading Pooling from the Hugging Face Hub needs "
+                    "sentence-transformers (pip install sentence-transformers)"
+                ) from error
+            path = load_file_path(
+                model_name_or_path,
+                cls.config_file_name,
+                subfolder=subfolder,
+                token=token,
+                cache_folder=cache_folder,
+                revision=revision,
+                local_files_only=local_files_only,
+            )
+        config = {}
+        if path is not None:
+            with open(path, encoding="utf-8") as handle:
+                config = _convert_legacy_config(json.load(handle))
+        for key, value in (init_defaults or {}).items():
+            config.setdefault(key, value)
         return cls(**config)
 
     def __repr__(self) -> str:
@@ -162,9 +236,15 @@ class Pooling(nn.Module):
 
     def __reduce__(self):
         # Pooling presents sentence-transformers' module path (below), so it pickles through _restore;
-        # a subclass defined elsewhere is pickled by reference to its own class.
-        cls = None if type(self) is Pooling else type(self)
-        return _restore, (cls, self.get_config_dict(), self.backend, self.training)
+        # a subclass defined elsewhere is pickled by reference to its own class. The classes made by
+        # with_sentence_transformers_base are made again on loading: by reference to the class they extend.
+        cls = _EXTENDED.get(type(self), type(self))
+        return _restore, (
+            None if cls is Pooling else cls,
+            self.get_config_dict(),
+            self.backend,
+            self.training,
+        )
 
     # The v5 attribute names, read-only.
     word_embedding_dimension = property(lambda self: self.embedding_dimension)
@@ -259,6 +339,68 @@ def _restore(cls: type[Pooling] | None, config: dict, backend: str | None, train
     module = (cls or Pooling)(**config, backend=backend)
     module.train(training)
     return module
+
+
+# --- sentence-transformers' Pooling as a second base class ------------------------------------------
+
+_UNRESOLVED = object()
+_stock_pooling: Any = _UNRESOLVED
+_WITH_STOCK_BASE: dict[type, type] = {}  # fused_pool's class -> the same with the stock base added
+_EXTENDED: dict[type, type] = {}  # the other way round
+
+
+def sentence_transformers_pooling() -> type | None:
+    """sentence-transformers' own Pooling class, imported on the first call; None where
+    sentence-transformers is not installed (a RuntimeWarning where it is installed but fails to import)."""
+    global _stock_pooling
+    if _stock_pooling is _UNRESOLVED:
+        _stock_pooling = _import_sentence_transformers_pooling()
+    return _stock_pooling
+
+
+def _import_sentence_transformers_pooling() -> type | None:
+    try:
+        installed = importlib.util.find_spec("sentence_transformers") is not None
+    except (ImportError, ValueError):  # blocked (sys.modules entry None) or a broken parent
+        installed = False
+    if not installed:
+        return None
+    try:
+        try:  # sentence-transformers >= 5.4 moved the module; older versions keep the classic path
+            from sentence_transformers.sentence_transformer.modules.pooling import Pooling as stock
+        except ImportError:
+            from sentence_transformers.models import Pooling as stock
+    except Exception as error:  # any failure inside its import: fused_pool's Pooling still works alone
+        warnings.warn(
+            f"sentence-transformers is installed but its Pooling does not import ({error!r}): "
+            "fused_pool.nn.Pooling is not an instance of it, and sentence-transformers cannot use it",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        return None
+    if issubclass(stock, Pooling):
+        raise RuntimeError(
+            "sentence-transformers' Pooling was replaced by fused_pool's before fused_pool found the "
+            "original: import fused_pool.integrations.sentence_transformers before replacing it"
+        )
+    return stock
+
+
+def with_sentence_transformers_base(cls: type[Pooling]) -> type[Pooling]:
+    """cls, or where sentence-transformers is installed, a subclass of cls and of sentence-transformers'
+    Pooling (made once per class, with cls's name and module, so it saves as cls does)."""
+    stock = sentence_transformers_pooling()
+    if stock is None or issubclass(cls, stock):
+        return cls
+    combined = _WITH_STOCK_BASE.get(cls)
+    if combined is None:
+        names = dict(__module__=cls.__module__, __qualname__=cls.__qualname__, __doc__=cls.__doc__)
+        combined = types.new_class(
+            cls.__name__, (cls, stock), exec_body=lambda namespace: namespace.update(names)
+        )
+        _WITH_STOCK_BASE[cls] = combined
+        _EXTENDED[combined] = cls
+    return combined
 
 
 def _rescale_mean(

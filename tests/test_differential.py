@@ -5,7 +5,7 @@ Hypothesis draws a `Case` (op, backend, dtypes, shapes incl. 0 and 1, strides, m
 heads, a value seed); `check_case` builds its tensors and compares. Each category of input (padded,
 strided, expanded, varlen, strided cu_seqlens, ...) is its own test item, so a known defect is
 excluded by one line in KNOWN_DEFECTS. Budgets are fixed and derandomized: the file costs the same
-on every run (about two minutes on 2 cores, the Triton interpreter included). A failure prints the
+on every run (about 70 s of CPU time, the Triton interpreter included). A failure prints the
 shrunk case, its tensors' shapes / strides / dtypes, and a one-line reproduction.
 """
 
@@ -333,11 +333,16 @@ def views(draw, ndim: int, strided: bool, expand: bool) -> View:
     return view
 
 
-def sizes(limit: int | None, small: int, large: list[int]):
-    """Small sizes (0 and 1 first: what shrinking goes to), now and then a large one."""
-    if limit is not None:
-        return st.integers(0, limit)
-    return st.one_of(st.integers(0, small), st.sampled_from(large))
+def sizes(limit: int | None, small: int, large: list[int], rare_zero: bool = True):
+    """Sizes up to `small` (or `limit`), now and then a large one. With `rare_zero`, 0 comes up
+    about as often as any other size (one in small + 1) and shrinking goes to 1: three dims that
+    are 0 at Hypothesis's usual rate would leave half the cases empty."""
+    upto = small if limit is None else limit
+    if rare_zero:
+        small_sizes = st.integers(1, upto + 1).map(lambda n: n % (upto + 1))
+    else:
+        small_sizes = st.integers(0, upto)
+    return small_sizes if limit is not None else st.one_of(small_sizes, small_sizes, st.sampled_from(large))
 
 
 @st.composite
@@ -354,7 +359,7 @@ def cases(draw, category: str, backend: str | None, op: str) -> Case:
     changes: dict = dict(ties=draw(st.booleans()))
 
     if varlen:
-        length = sizes(max_length, 6, [33, 130])
+        length = sizes(max_length, 6, [33, 130], rare_zero=False)  # zero-length segments: often
         lengths = tuple(draw(st.lists(length, max_size=5)))
         changes.update(lengths=lengths, batch_dim=draw(st.booleans()))
         changes["x_view"] = draw(views(3 if changes["batch_dim"] else 2, strided, expand))
@@ -365,7 +370,7 @@ def cases(draw, category: str, backend: str | None, op: str) -> Case:
         changes["max_seqlen"] = draw(st.sampled_from([None, longest, longest + 5]))
         token_dims = 1
     else:
-        batch = draw(st.integers(0, 4))
+        batch = draw(sizes(4, 4, []))
         length = draw(sizes(max_length, 9, [33, 130]))
         changes.update(batch=batch, length=length, x_view=draw(views(3, strided, expand)))
         token_dims = 2
@@ -393,7 +398,10 @@ def cases(draw, category: str, backend: str | None, op: str) -> Case:
         divisors = [d for d in range(1, max(hidden, 3) + 1) if hidden % d == 0]
         heads = draw(st.sampled_from(divisors))
         changes.update(heads=heads, heads_dim=heads == 1 and draw(st.booleans()))
-        changes["other_dtype"] = draw(st.sampled_from([dtype, *FLOAT_DTYPES]))
+        other_dtypes = [dtype, *FLOAT_DTYPES]
+        if backend == "triton" and op == "attention_pool" and dtype == torch.float64:
+            other_dtypes.remove(torch.bfloat16)  # test_triton_float64_x_bfloat16_scores: known defect
+        changes["other_dtype"] = draw(st.sampled_from(other_dtypes))
         several = heads > 1 or changes["heads_dim"]
         if op == "attention_pool":
             ndim = token_dims + several
@@ -449,6 +457,31 @@ def test_matches_reference(category, backend, op):
         check_case(case)
 
     differential()
+
+
+# --- Known defects outside the generator ------------------------------------------------------
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="Triton cannot run here")
+@pytest.mark.xfail(
+    strict=True,
+    reason="Triton's interpreter casts float64 -> bfloat16 as an integer conversion (1.5 -> bits 0x0001, "
+    "-2.25 -> 0xfffe): dscores of float64 x are garbage; tests/conftest.py patches float32 -> bfloat16 only",
+)
+def test_triton_float64_x_bfloat16_scores():
+    check_case(
+        Case(
+            op="attention_pool",
+            backend="triton",
+            dtype=torch.float64,
+            seed=0,
+            hidden=1,
+            batch=1,
+            length=2,
+            other_dtype=torch.bfloat16,
+            other_view=contiguous(2),
+        )
+    )
 
 
 # --- H = 0 with a learned query: known defects, outside the generator --------------------------

@@ -278,7 +278,7 @@ def main(argv=None) -> int:
             print(f"sanitize_driver: backend {backend!r} cannot run on {args.device}: {reason}", flush=True)
             return 2
     if "triton" in backends:
-        from fused_pool.triton_kernels.segments import plan_split
+        from fused_pool.triton_kernels.split_plan import plan_split
 
         split_len = args.split_length or (1024 if args.size == "toy" else 8192)
         plan = plan_split(1, split_len, split_len, 1, 64, device)

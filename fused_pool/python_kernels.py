@@ -1,9 +1,9 @@
 """The Python backends' kernels ("triton", "torch") in the op kinds' signatures (fused_pool.specs).
 
-Both backends provide the same four launchers, `pool_forward` / `pool_backward` and
-`attention_forward` / `attention_backward` (scores or query), in fused_pool.triton_kernels.pool /
-.attention and fused_pool.torch_kernels; this module adapts them to the three kinds. Triton is
-imported on the first call only: importing fused_pool must stay cheap.
+fused_pool.triton_kernels.pool / .attention export the kinds' signatures themselves (`pool_fwd`,
+...); fused_pool.torch_kernels provides four launchers, `pool_forward` / `pool_backward` and
+`attention_forward` / `attention_backward` (scores or query), that this module adapts to the kinds.
+Triton is imported on the first call only: importing fused_pool must stay cheap.
 """
 
 from __future__ import annotations
@@ -92,10 +92,21 @@ def _query_attention_bwd(backend: str):
     return backward
 
 
-triton_pool_fwd, triton_pool_bwd = _pool_fwd("triton"), _pool_bwd("triton")
-triton_attention_fwd, triton_attention_bwd = _attention_fwd("triton"), _attention_bwd("triton")
-triton_query_attention_fwd = _query_attention_fwd("triton")
-triton_query_attention_bwd = _query_attention_bwd("triton")
+def _triton(kind: str, name: str):
+    """fused_pool.triton_kernels' function `name`, already in the kind's signature."""
+
+    def kernel(*args):
+        return getattr(_launchers("triton", kind), name)(*args)
+
+    kernel.__name__ = f"triton_{name}"
+    return kernel
+
+
+triton_pool_fwd, triton_pool_bwd = _triton("pool", "pool_fwd"), _triton("pool", "pool_bwd")
+triton_attention_fwd = _triton("attention", "attention_fwd")
+triton_attention_bwd = _triton("attention", "attention_bwd")
+triton_query_attention_fwd = _triton("attention", "query_attention_fwd")
+triton_query_attention_bwd = _triton("attention", "query_attention_bwd")
 
 torch_pool_fwd, torch_pool_bwd = _pool_fwd("torch"), _pool_bwd("torch")
 torch_attention_fwd, torch_attention_bwd = _attention_fwd("torch"), _attention_bwd("torch")

@@ -149,7 +149,7 @@ def test_huge_scores_do_not_overflow(dtype, backend, device):
 
 @pytest.mark.parametrize("backend, device", FUSED)
 def test_long_sequence_takes_split_path(backend, device):
-    from fused_pool.triton_kernels.segments import plan_split
+    from fused_pool.triton_kernels.split_plan import plan_split
 
     assert plan_split(1, 4096, 4096, 1, 64, torch.device(device)).split
     gen = make_generator(9)

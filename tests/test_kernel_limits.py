@@ -120,16 +120,16 @@ def test_varlen_argmax_is_an_index_within_the_sequence(backend, device):
         assert torch.equal(argmax[b].cpu().long(), expected.cpu())
 
 
-@pytest.mark.parametrize("kernel", ["_attention_fwd_kernel", "_attention_bwd_kernel", "wide_query"])
+@pytest.mark.parametrize("kernel", ["attention_fwd_kernel", "attention_bwd_kernel", "wide_query"])
 def test_scale_is_a_float64_kernel_argument(kernel):
     """Triton types a Python float argument float32: the query scale must be declared float64,
     or float64 scores are off by ~3e-8 relative on a GPU (the interpreter cannot show it)."""
-    from fused_pool.triton_kernels import attention, wide_query
+    from fused_pool.triton_kernels import attention_kernels, wide_query
 
     jitted = (
         [wide_query.wide_query_fwd_kernel, wide_query.wide_query_bwd_kernel]
         if kernel == "wide_query"
-        else [getattr(attention, kernel)]
+        else [getattr(attention_kernels, kernel)]
     )
     for function in jitted:
         annotation = inspect.signature(function.fn).parameters["scale"].annotation

@@ -113,7 +113,7 @@ def test_non_contiguous_inputs(op, backend, device):
 @pytest.mark.parametrize("backend, device", FUSED)
 @pytest.mark.parametrize("op", OPS)
 def test_long_sequence_takes_split_path(op, backend, device):
-    from fused_pool.triton_kernels.segments import plan_split
+    from fused_pool.triton_kernels.split_plan import plan_split
 
     batch, length, hidden = 1, 4096, 64
     assert plan_split(batch, batch * length, length, 1, 64, torch.device(device)).split

@@ -1,4 +1,4 @@
-"""Softmax pieces shared by the attention-pooling kernels (attention.py, wide_query.py)."""
+"""Softmax pieces shared by the attention-pooling kernels (attention_kernels.py, wide_query.py)."""
 
 import triton
 import triton.language as tl

@@ -1,8 +1,8 @@
 """Query attention pooling for heads wider than one register tile (head_dim > QUERY_MAX_BLOCK_D).
 
-The narrow-head kernels (attention.py) hold a whole head in one (BLOCK_R, BLOCK_D) tile, so that a
-row's score comes from the tile that is also summed. Past a few thousand channels that tile no
-longer fits in registers (head_dim 8192 spilled up to 3.5 KB per thread). Here a program takes
+The narrow-head kernels (attention_kernels.py) hold a whole head in one (BLOCK_R, BLOCK_D) tile, so
+that a row's score comes from the tile that is also summed. Past a few thousand channels that tile
+no longer fits in registers (head_dim 8192 spilled up to 3.5 KB per thread). Here a program takes
 one head and walks it in BLOCK_D slices, twice per row tile: the first walk computes the scores
 x . q, the second (over the same rows, now in cache) folds p * x into the program's float32
 accumulator row. That row lives in global memory and belongs to the program alone (its row of
@@ -10,7 +10,8 @@ accumulator row. That row lives in global memory and belongs to the program alon
 stores before the next walk's loads. The backward walks twice too: s and g . (x - out) first,
 then dx = p g + ds scale q and the program's own dquery partial row += ds scale x.
 
-Same semantics, outputs and split partials as attention.py (its combine kernel merges them).
+Same semantics, outputs and split partials as attention_kernels.py (its combine kernel merges
+them); attention.py launches both.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .segments import program_chunk, row_sequence
 from .softmax import online_softmax_step, softmax_weight
+from .split_plan import program_chunk, row_sequence
 
 # Widest head slice one tile holds; query heads wider than this take the kernels below.
 QUERY_MAX_BLOCK_D = 4096
@@ -88,23 +89,23 @@ def wide_query_fwd_kernel(
     head = tl.program_id(1)
     head_base = head.to(tl.int64) * D
     seq, _start, first, last = program_chunk(
-        pid,
-        chunk_offsets_ptr,
-        cu_seqlens_ptr,
-        num_seqs,
-        seq_len,
-        num_rows,
-        chunk_rows,
-        splits,
-        search_iters,
-        VARLEN,
-        SPLIT,
+        pid=pid,
+        chunk_offsets_ptr=chunk_offsets_ptr,
+        cu_seqlens_ptr=cu_seqlens_ptr,
+        num_seqs=num_seqs,
+        seq_len=seq_len,
+        num_rows=num_rows,
+        chunk_rows=chunk_rows,
+        splits=splits,
+        search_iters=search_iters,
+        VARLEN=VARLEN,
+        SPLIT=SPLIT,
     )
     if SPLIT:
         acc_row = part_acc_ptr + pid.to(tl.int64) * H + head_base
     else:
         acc_row = out_ptr + seq.to(tl.int64) * H + head_base
-    _fill_row(acc_row, D, 0.0, BLOCK_D)
+    _fill_row(row_ptr=acc_row, D=D, value=0.0, BLOCK_D=BLOCK_D)
     x_seq = x_ptr + seq.to(tl.int64) * stride_xb + head_base * stride_xh
     m_seq = mask_ptr + seq.to(tl.int64) * stride_mb
     q_ptr = query_ptr + head_base
@@ -116,9 +117,18 @@ def wide_query_fwd_kernel(
         if HAS_MASK:
             keep = keep & (tl.load(m_seq + rows * stride_mr, mask=keep, other=0) != 0)
         x_rows = x_seq + rows * stride_xr
-        s = (_row_scores(x_rows, q_ptr, keep, D, stride_xh, ACC_DTYPE, BLOCK_D) * scale).to(ACC_DTYPE)
+        s = _row_scores(
+            x_rows=x_rows,
+            q_ptr=q_ptr,
+            keep=keep,
+            D=D,
+            stride_xh=stride_xh,
+            ACC_DTYPE=ACC_DTYPE,
+            BLOCK_D=BLOCK_D,
+        )
+        s = (s * scale).to(ACC_DTYPE)
         s = tl.where(keep, s, float("-inf"))
-        row_max, den, alpha, p = online_softmax_step(row_max, den, s)
+        row_max, den, alpha, p = online_softmax_step(row_max=row_max, den=den, s=s)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_in = d < D
@@ -180,11 +190,19 @@ def wide_query_bwd_kernel(
     last = tl.minimum(first + rows_per_program, num_rows)
     q_ptr = query_ptr + head_base
     dquery_row = dquery_part_ptr + pid.to(tl.int64) * H + head_base
-    _fill_row(dquery_row, D, 0.0, BLOCK_D)
+    _fill_row(row_ptr=dquery_row, D=D, value=0.0, BLOCK_D=BLOCK_D)
     for r0 in range(first, last, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         seq, position, _index, keep = row_sequence(
-            r0, rows, cu_seqlens_ptr, num_seqs, seq_len, num_rows, search_iters, VARLEN, ROWS_INT32
+            tile_start=r0,
+            rows=rows,
+            cu_seqlens_ptr=cu_seqlens_ptr,
+            num_seqs=num_seqs,
+            seq_len=seq_len,
+            num_rows=num_rows,
+            search_iters=search_iters,
+            VARLEN=VARLEN,
+            ROWS_INT32=ROWS_INT32,
         )
         keep = keep & (rows < last)
         if HAS_MASK:
@@ -211,7 +229,7 @@ def wide_query_bwd_kernel(
             q = tl.load(q_ptr + d, mask=d_in, other=0).to(ACC_DTYPE)
             s += tl.sum(x * q[None, :], 1)
             g_dot_x_minus_out += tl.sum(g * (x - out), 1)
-        p = softmax_weight((s * scale).to(ACC_DTYPE), row_max, den, keep)
+        p = softmax_weight(s=(s * scale).to(ACC_DTYPE), row_max=row_max, den=den, keep=keep)
         ds_scaled = (p * g_dot_x_minus_out * scale).to(ACC_DTYPE)
         # Second walk: dx, and this program's dquery partial.
         for d0 in range(0, D, BLOCK_D):

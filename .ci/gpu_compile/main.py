@@ -48,7 +48,7 @@ CUDA_SPILL_ALLOWLIST = (
 
 # Triton specializations that spill at most this many bytes are listed as known spills, not failures:
 # 0 in CI. For local experiments only (e.g. FUSED_POOL_KNOWN_SPILL_BYTES=8 while trying a tile
-# shape). The row-tile kernels launch with an explicit register budget (triton_kernels/segments.py,
+# shape). The row-tile kernels launch with an explicit register budget (triton_kernels/launch.py,
 # tile_launch), without which ptxas spilled 8 bytes at its occupancy tiers in 17 specializations.
 TRITON_KNOWN_SPILL_BYTES = int(os.environ.get("FUSED_POOL_KNOWN_SPILL_BYTES", "0"))
 

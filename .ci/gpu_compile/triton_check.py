@@ -200,15 +200,15 @@ def collect(archs: list[int], only: str | None) -> tuple[list[dict], dict]:
     fused_pool.functional.resolve_backend = resolve_backend
 
     # Grid sizing: a GPU of SMS[arch] SMs where the launchers ask for one.
-    segments = importlib.import_module("fused_pool.triton_kernels.segments")
-    original = getattr(segments, "resident_programs", None)
+    split_plan = importlib.import_module("fused_pool.triton_kernels.split_plan")
+    original = getattr(split_plan, "resident_programs", None)
     if original is None:
         raise SystemExit(
-            "fused_pool.triton_kernels.segments.resident_programs is gone: update .ci/gpu_compile"
+            "fused_pool.triton_kernels.split_plan.resident_programs is gone: update .ci/gpu_compile"
         )
 
     def resident_programs(device):
-        return SMS[_state["arch"]] * segments.PROGRAMS_PER_SM
+        return SMS[_state["arch"]] * split_plan.PROGRAMS_PER_SM
 
     for module in [m for n, m in list(sys.modules.items()) if n.startswith("fused_pool.")]:
         for attr, value in list(vars(module).items()):

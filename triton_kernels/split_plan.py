@@ -1,10 +1,13 @@
-"""Sequence geometry shared by the pooling kernels: where each sequence's rows are, how a long
-sequence is split into chunks across programs, and which sequence a row belongs to.
+"""Where each sequence's rows are, how a long sequence is split into chunks across programs, and
+which sequence a row belongs to: the `@triton.jit` helpers the kernels call for that, and the host
+side that plans the split (the counterpart of SplitPlan / plan_split in csrc/cuda/launch.h).
 
 Both layouts are one model: sequence b owns rows [start_b, end_b). Padded: rows are positions
 0..L-1 (every sequence owns all L; the mask says which are kept). Varlen: rows are tokens and the
 bounds come from cu_seqlens, clamped to [0, T] so that malformed values never reach memory out of
 bounds. Row r of sequence b lives at x + b * stride_b + r * stride_row (stride_b = 0 for varlen).
+The kernels read cu_seqlens[b] at cu_seqlens_ptr + b: launchers pass it contiguous
+(launch.kernel_cu_seqlens).
 
 Split plan. A program reduces a chunk of at most `chunk_rows` rows of one sequence. Padded:
 sequence b has `splits` chunks, program p -> (p // splits, p % splits). Varlen: sequence b has
@@ -15,16 +18,12 @@ order by a second kernel, so the result does not depend on scheduling.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-
-from ..specs import accumulation_dtype
 
 # A chunk shorter than this costs more in partials traffic than it gains in parallelism.
 MIN_CHUNK_ROWS = 128
@@ -81,20 +80,27 @@ def program_chunk(
     """
     if SPLIT:
         if VARLEN:
-            seq = last_at_or_below(chunk_offsets_ptr, num_seqs, pid, search_iters)  # its first chunk <= pid
+            # The sequence whose first chunk is the last one <= pid.
+            seq = last_at_or_below(
+                sorted_ptr=chunk_offsets_ptr, count=num_seqs, target=pid, search_iters=search_iters
+            )
             chunk = pid - tl.load(chunk_offsets_ptr + seq)
             in_range = pid < tl.load(chunk_offsets_ptr + num_seqs)
         else:
             seq = pid // splits
             chunk = pid % splits
             in_range = pid < num_seqs * splits
-        start, end = sequence_rows(seq, cu_seqlens_ptr, seq_len, num_rows, VARLEN)
+        start, end = sequence_rows(
+            seq=seq, cu_seqlens_ptr=cu_seqlens_ptr, seq_len=seq_len, num_rows=num_rows, VARLEN=VARLEN
+        )
         first = start + chunk.to(tl.int64) * chunk_rows
         last = tl.minimum(first + chunk_rows, end)
         last = tl.where(in_range, last, first)
     else:
         seq = pid
-        start, last = sequence_rows(seq, cu_seqlens_ptr, seq_len, num_rows, VARLEN)
+        start, last = sequence_rows(
+            seq=seq, cu_seqlens_ptr=cu_seqlens_ptr, seq_len=seq_len, num_rows=num_rows, VARLEN=VARLEN
+        )
         first = start
     return seq, start, first, last
 
@@ -128,7 +134,9 @@ def row_sequence(
     t - start varlen) and whether the row belongs to its sequence at all. ROWS_INT32: every row
     index fits int32 (rows_fit_int32)."""
     if VARLEN:
-        seq = last_at_or_below(cu_seqlens_ptr, num_seqs, rows, search_iters)
+        seq = last_at_or_below(
+            sorted_ptr=cu_seqlens_ptr, count=num_seqs, target=rows, search_iters=search_iters
+        )
         start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
         end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
         start = tl.minimum(tl.maximum(start, 0), num_rows)
@@ -195,33 +203,6 @@ class SplitPlan(NamedTuple):
     search_iters: int  # binary-search steps over B sequences
 
 
-def launches_on_input_device(launcher):
-    """Runs `launcher` with its first tensor argument's GPU as the current device, so that its
-    kernels go there and not to torch's current device (a model spread over GPUs)."""
-
-    @functools.wraps(launcher)
-    def guarded(*args, **kwargs):
-        first = next(a for a in args if isinstance(a, torch.Tensor))
-        guard = torch.cuda.device(first.device) if first.device.type == "cuda" else contextlib.nullcontext()
-        with guard:
-            return launcher(*args, **kwargs)
-
-    return guarded
-
-
-# Launch options of the row-tile kernels (4096-element tiles): 8 warps, and an explicit register
-# budget. Without one, ptxas picks an occupancy tier itself and at a tier's edge spills a few bytes to
-# local memory (8-byte spills at 64 / 80 / 128 / 168 registers on sm_80 and sm_90 under Triton 3.6 and
-# 3.9, found by .ci/check_gpu_compile); given a budget it allocates within it, rematerializing
-# instead of spilling. 128 registers keep two 8-warp programs resident per SM.
-TILE_WARPS = 8
-TILE_REGISTERS = 128
-
-
-def tile_launch(max_registers: int = TILE_REGISTERS) -> dict:
-    return dict(num_warps=TILE_WARPS, maxnreg=max_registers)
-
-
 def search_iters(num_seqs: int) -> int:
     return max(1, math.ceil(math.log2(max(num_seqs, 1))) + 1)
 
@@ -257,7 +238,9 @@ def plan_split(
     # this bound (only possible with malformed, overlapping cu_seqlens) are dropped, never run OOB.
     num_chunks = triton.cdiv(num_rows, chunk_rows) + num_seqs
     offsets = torch.empty(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
-    _chunk_offsets_kernel[(1,)](cu_seqlens, offsets, num_seqs, num_rows, chunk_rows, BLOCK=1024)
+    _chunk_offsets_kernel[(1,)](
+        cu_seqlens, offsets, num_seqs=num_seqs, num_rows=num_rows, chunk_rows=chunk_rows, BLOCK=1024
+    )
     return SplitPlan(True, chunk_rows, 1, num_chunks, offsets, iters)
 
 
@@ -278,33 +261,3 @@ def geometry(x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int |
         return Geometry(cu_seqlens.shape[0] - 1, 0, num_rows, longest, (0, x.stride(0), x.stride(1)))
     batch, length = x.shape[0], x.shape[1]
     return Geometry(batch, length, batch * length, length, tuple(x.stride()))
-
-
-def kernel_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[int, int]]:
-    """The mask as the kernels read it (bool viewed as uint8, no copy) and its (B, L) strides.
-
-    A varlen mask (per-token weights (T,)) gets strides (0, stride): the kernels address the mask at
-    seq * stride_b + row * stride_row, and a varlen row is the global token t, so they read w[t].
-    """
-    if mask is None:
-        return None, (0, 0)
-    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    if mask.dim() == 1:
-        return mask, (0, mask.stride(0))
-    return mask, mask.stride()
-
-
-def triton_accumulator(dtype: torch.dtype):
-    """fused_pool.specs.accumulation_dtype of x's dtype as a Triton type (the ACC_DTYPE constexpr)."""
-    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
-
-
-def channel_block(hidden: int, largest: int = 256) -> int:
-    """Channels per program: the largest power of two <= `largest` that wastes little of the last
-    block (768 -> 256, 384 -> 128, 1000 -> 256, 1 -> 16)."""
-    if hidden <= largest:
-        return max(16, triton.next_power_of_2(hidden))
-    block = largest
-    while block > 64 and (triton.cdiv(hidden, block) * block - hidden) * 8 > hidden:
-        block //= 2
-    return block

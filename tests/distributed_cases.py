@@ -269,6 +269,7 @@ def bad_inputs(rank: int, world_size: int):
     parts = 2 * world_size
     cu = cu_seqlens_of([3, 5])
     x = torch.randn(2, 4, HIDDEN)
+    twins = ([0, 4, 8, 12, 16, 20], [0, 5, 5, 15, 15, 20])  # differ, yet any position-weighted sums agree
     return [
         (
             "zigzag L not divisible by 2W",
@@ -351,7 +352,36 @@ def bad_inputs(rank: int, world_size: int):
                 cu_seqlens=torch.tensor([0, 1 + (rank == 0), 4 * world_size - 2, 4 * world_size]),
             ),
             ValueError,
-            "cu_seqlens (the global offsets) must be the same on every rank",
+            "cu_seqlens must be the same on every rank",
+        ),
+        (
+            "cu_seqlens with equal position-weighted sums",  # sum (i+1) c_i and sum (i+1)^2 c_i
+            lambda: fd.masked_mean(
+                torch.randn(torch.tensor_split(torch.arange(20), world_size)[rank].numel(), HIDDEN),
+                cu_seqlens=torch.tensor(twins[rank % 2]),
+            ),
+            ValueError,
+            "cu_seqlens must be the same on every rank",
+        ),
+        (
+            "cu_seqlens differing by the int64 minimum",  # what a MIN through negation would miss
+            lambda: fd.masked_mean(
+                torch.randn(torch.tensor_split(torch.arange(8), world_size)[rank].numel(), HIDDEN),
+                cu_seqlens=torch.tensor([0, -(2**63) if rank == 0 else 0, 8]),
+            ),
+            ValueError,
+            "cu_seqlens must be the same on every rank",
+        ),
+        (
+            "cu_seqlens_padded with equal position-weighted sums",
+            lambda: fd.masked_max(
+                torch.randn(20 * parts // world_size, HIDDEN),
+                cu_seqlens=cu_seqlens_of([1, 0, 0, 0, 0]),
+                cu_seqlens_padded=torch.tensor([parts * c for c in twins[rank % 2]]),
+                layout="zigzag",
+            ),
+            ValueError,
+            "cu_seqlens_padded must be the same on every rank",
         ),
         (
             "cu_seqlens_padded that differ inside, one rank's malformed",

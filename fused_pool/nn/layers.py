@@ -59,7 +59,9 @@ class WeightedLayerPool(nn.Module):
         if layer_weights is None:
             layer_weights = torch.ones(count)
         if not isinstance(layer_weights, Tensor):
-            raise TypeError(f"layer_weights must be a torch.Tensor or None, got {type(layer_weights).__name__}")
+            raise TypeError(
+                f"layer_weights must be a torch.Tensor or None, got {type(layer_weights).__name__}"
+            )
         if tuple(layer_weights.shape) != (count,):
             got = tuple(layer_weights.shape)
             raise ValueError(
@@ -138,8 +140,9 @@ class LSTMPool(nn.Module):
         self, hidden_size: int, lstm_hidden_size: int, layer_start: int = 1, base: nn.Module | None = None
     ) -> None:
         super().__init__()
-        hidden_size, lstm_hidden_size = check_count("hidden_size", hidden_size), check_count(
-            "lstm_hidden_size", lstm_hidden_size
+        hidden_size, lstm_hidden_size = (
+            check_count("hidden_size", hidden_size),
+            check_count("lstm_hidden_size", lstm_hidden_size),
         )
         layer_start = check_count("layer_start", layer_start, minimum=0)
         self.hidden_size, self.lstm_hidden_size, self.layer_start = hidden_size, lstm_hidden_size, layer_start

@@ -317,6 +317,8 @@ def test_weighted_layer_pool_weights_summing_to_zero(backend, device, base):
     for bad in ([1.0, -2.0, 1.0], [1.0, float("nan"), 1.0], [0.0, 0.0, 0.0]):
         with pytest.raises(ValueError, match="layer_weights must be finite and must not sum to 0"):
             fnn.WeightedLayerPool(6, layer_start=4, layer_weights=torch.tensor(bad))
+    with torch.device("meta"):  # from_pretrained's empty init: values unknown, nothing to check
+        assert fnn.WeightedLayerPool(6, layer_start=4).layer_weights.is_meta
     pool = fnn.MeanPool(backend=backend) if base == "mean" else fnn.MaxPool(backend=backend)
     module = fnn.WeightedLayerPool(6, layer_start=4, base=pool).to(device)
     layers = [layer.requires_grad_() for layer in layers_of(device)]

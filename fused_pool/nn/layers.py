@@ -26,6 +26,19 @@ def _require_layers(hidden_states: Sequence[Tensor], needed: int, name: str) -> 
         )
 
 
+def _check_initial_weights(layer_weights: Tensor) -> None:
+    """Finite and not summing to 0: a constructor argument, so reading it costs no sync in training.
+    Skipped on the meta device (Hugging Face's from_pretrained builds modules there, then loads)."""
+    if layer_weights.device.type == "meta":
+        return
+    initial = layer_weights.detach().double().cpu()
+    if not torch.isfinite(initial).all() or initial.sum() == 0:
+        raise ValueError(
+            f"layer_weights must be finite and must not sum to 0 (they are normalised by their sum), "
+            f"got {initial.tolist()}"
+        )
+
+
 class WeightedLayerPool(nn.Module):
     """Learned weights over layers layer_start..num_layers, then the base pooling -> (B, H_base).
 
@@ -67,12 +80,7 @@ class WeightedLayerPool(nn.Module):
             raise ValueError(
                 f"layer_weights must have {count} entries (layers {layer_start}..{num_layers}), got {got}"
             )
-        initial = layer_weights.detach().double().cpu()  # a constructor argument: reading it is free
-        if not torch.isfinite(initial).all() or initial.sum() == 0:
-            raise ValueError(
-                f"layer_weights must be finite and must not sum to 0 (they are normalised by their "
-                f"sum), got {initial.tolist()}"
-            )
+        _check_initial_weights(layer_weights)
         self.num_layers, self.layer_start = num_layers, layer_start
         self.base = base if base is not None else MeanPool()
         self.layer_weights = nn.Parameter(layer_weights.clone().float())

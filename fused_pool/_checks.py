@@ -5,8 +5,12 @@ Nothing here reads a tensor's values (no host sync); `validate_cu_seqlens` is th
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 from torch import Tensor
+
+from .backends import BACKENDS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -80,6 +84,13 @@ def check_pool_inputs(
     if mask is not None:
         _check_varlen_weights(mask, x)
     return x
+
+
+def max_seqlen_hint(max_seqlen: int | None, x: Tensor) -> int | None:
+    """The max_seqlen hint the kernels get, for a checked x ((B, L, H) or (T, H)): None, or the hint
+    clamped to x's sequence axis. A larger hint says nothing more (every backend bounds it by L or
+    T), and the clamp keeps any Python int within the int64 of the ops' `int? max_seqlen`."""
+    return None if max_seqlen is None else min(max_seqlen, x.shape[-2])
 
 
 def _check_varlen_weights(weights: Tensor, x: Tensor) -> None:
@@ -166,3 +177,25 @@ def validate_cu_seqlens(cu_seqlens: Tensor, num_tokens: int | None = None) -> No
     last = int(cu_seqlens[-1])
     if num_tokens is not None and last != num_tokens:
         raise ValueError(f"cu_seqlens must end at T = {num_tokens}, got cu_seqlens[-1] = {last}")
+
+
+# --- module constructor arguments -----------------------------------------------------------------
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """A module's size or count argument: an int (numpy ints too, not bool) >= minimum, as an int."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_backend_name(backend: object) -> str | None:
+    """A module's `backend=`: None or one of BACKENDS (whether it can run on the module's device is
+    decided at forward, by fused_pool.backends.resolve_backend)."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._checks import check_pool_inputs, check_query, check_scale, check_scores
+from ._checks import check_pool_inputs, check_query, check_scale, check_scores, max_seqlen_hint
 from .backends import resolve_backend
 from .ops import run
 from .specs import MAX, MEAN, MEAN_MAX
@@ -36,6 +36,7 @@ __all__ = [
 
 def _pool(x, mask, cu_seqlens, max_seqlen, backend, mode) -> Tensor:
     x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen, varlen_weights=mode == MEAN)
+    max_seqlen = max_seqlen_hint(max_seqlen, x)
     return run("pool", resolve_backend(backend, x.device), x, mask, cu_seqlens, max_seqlen, mode)
 
 
@@ -95,6 +96,7 @@ def attention_pool(
     scores.
     """
     x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
+    max_seqlen = max_seqlen_hint(max_seqlen, x)
     check_scores(scores, x, cu_seqlens is not None)
     if scores.dim() == x.dim() - 1:  # one head: (B, L) -> (B, L, 1), (T,) -> (T, 1)
         scores = scores.unsqueeze(-1)
@@ -119,6 +121,7 @@ def query_attention_pool(
     query (dquery summed over every sequence and token in a fixed order: deterministic).
     """
     x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
+    max_seqlen = max_seqlen_hint(max_seqlen, x)
     num_heads = check_query(query, x)
     check_scale(scale)
     head_dim = x.shape[-1] // num_heads

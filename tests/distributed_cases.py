@@ -26,7 +26,7 @@ import torch.distributed as dist
 from helpers import assert_close, assert_within_reference_error, cu_seqlens_of, make_generator
 
 import fused_pool.distributed as fd
-from fused_pool import reference
+from fused_pool import available_backends, reference
 
 OPS = tuple(reference.__all__)  # every pooling op
 FORMATS = (("contiguous", False), ("contiguous", True), ("zigzag", False), ("zigzag", True))
@@ -351,7 +351,16 @@ def bad_inputs(rank: int, world_size: int):
                 cu_seqlens=torch.tensor([0, 1 + (rank == 0), 4 * world_size - 2, 4 * world_size]),
             ),
             ValueError,
-            "cu_seqlens (the global offsets) must be the same on every rank",
+            "cu_seqlens must be the same on every rank",
+        ),
+        (
+            "cu_seqlens differing by the int64 minimum",  # what a MIN through negation would miss
+            lambda: fd.masked_mean(
+                torch.randn(torch.tensor_split(torch.arange(8), world_size)[rank].numel(), HIDDEN),
+                cu_seqlens=torch.tensor([0, -(2**63) if rank == 0 else 0, 8]),
+            ),
+            ValueError,
+            "cu_seqlens must be the same on every rank",
         ),
         (
             "cu_seqlens_padded that differ inside, one rank's malformed",
@@ -370,6 +379,46 @@ def bad_inputs(rank: int, world_size: int):
             lambda: fd.query_attention_pool(x, torch.randn(3, 3)),
             ValueError,
             "query",
+        ),
+        *offsets_that_fingerprints_confuse(rank, world_size),
+    ]
+
+
+# Differ, yet sum (i + 1) c_i and sum (i + 1)^2 c_i agree (280 and 1400): even and odd ranks get one each.
+TWINS = ([0, 4, 8, 12, 16, 20], [0, 5, 5, 15, 15, 20])
+
+
+def offsets_that_fingerprints_confuse(rank: int, world_size: int):
+    """The TWINS as cu_seqlens and as cu_seqlens_padded, on every backend that runs here."""
+    parts, twin = 2 * world_size, TWINS[rank % 2]
+    local_tokens = torch.tensor_split(torch.arange(20), world_size)[rank].numel()
+    backends = [b for b in ("cpu", "torch", "triton") if b in available_backends()]
+    return [
+        *(
+            (
+                f"cu_seqlens {TWINS[0]} vs {TWINS[1]}, {backend}",
+                lambda backend=backend: fd.masked_mean(
+                    torch.randn(local_tokens, HIDDEN), cu_seqlens=torch.tensor(twin), backend=backend
+                ),
+                ValueError,
+                "cu_seqlens must be the same on every rank",
+            )
+            for backend in backends
+        ),
+        *(
+            (
+                f"cu_seqlens_padded 2W * {TWINS[0]} vs 2W * {TWINS[1]}, {backend}",
+                lambda backend=backend: fd.masked_max(
+                    torch.randn(20 * parts // world_size, HIDDEN),
+                    cu_seqlens=cu_seqlens_of([1, 0, 0, 0, 0]),
+                    cu_seqlens_padded=torch.tensor([parts * c for c in twin]),
+                    layout="zigzag",
+                    backend=backend,
+                ),
+                ValueError,
+                "cu_seqlens_padded must be the same on every rank",
+            )
+            for backend in backends
         ),
     ]
 

@@ -1,12 +1,14 @@
-"""Every bad input in DESIGN.md raises ValueError / TypeError naming the argument."""
+"""Every bad input in DESIGN.md raises ValueError / TypeError naming the argument, and every good
+one (a max_seqlen hint of any size) runs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close, cu_seqlens_of, make_generator
 
 import fused_pool
-from fused_pool import validate_cu_seqlens
+from fused_pool import reference, validate_cu_seqlens
 
 POOL_OPS = ["masked_mean", "masked_max", "masked_mean_max"]
 BACKENDS = [None, "torch"] + [b for b in ("triton", "cpu") if b in fused_pool.available_backends()]
@@ -46,6 +48,13 @@ BAD_POOL_CALLS = [
     ((x2,), {"cu_seqlens": cu, "max_seqlen": 4.0}, TypeError, "max_seqlen must be a Python int"),
     ((x2,), {"cu_seqlens": cu, "max_seqlen": torch.tensor(4)}, TypeError, "max_seqlen must be a Python int"),
     ((x2,), {"cu_seqlens": cu, "max_seqlen": -1}, ValueError, "max_seqlen must be >= 0"),
+    ((x2,), {"cu_seqlens": cu, "max_seqlen": -(2**70)}, ValueError, "max_seqlen must be >= 0"),
+    (
+        (x2,),
+        {"cu_seqlens": cu, "max_seqlen": True},
+        TypeError,
+        "max_seqlen must be a Python int or None, got bool",
+    ),
 ]
 
 
@@ -55,6 +64,58 @@ BAD_POOL_CALLS = [
 def test_bad_pool_input(op, backend, args, kwargs, error, message):
     with pytest.raises(error, match=message):
         getattr(fused_pool, op)(*args, backend=backend, **kwargs)
+
+
+def _hinted_call(op: str, varlen: bool, backend: str, seed: int):
+    """(call(max_seqlen, *leaves), reference(*leaves), leaves) for one op on 3 sequences, one empty."""
+    gen = make_generator(seed)
+    x = torch.randn(9, 8, generator=gen) if varlen else torch.randn(3, 7, 8, generator=gen)
+    leaves = [x]
+    if op == "attention_pool":
+        leaves.append(torch.randn(*x.shape[:-1], 2, generator=gen))
+    if op == "query_attention_pool":
+        leaves.append(torch.randn(2, 4, generator=gen))
+    layout = dict(cu_seqlens=cu_seqlens_of([2, 0, 7])) if varlen else {}
+    mask = None if varlen else torch.rand(3, 7, generator=gen) > 0.3
+    fn, ref = getattr(fused_pool, op), getattr(reference, op)
+    return (
+        lambda max_seqlen, *t: fn(*t, mask, max_seqlen=max_seqlen, backend=backend, **layout),
+        lambda *t: ref(*t, mask, **layout),
+        leaves,
+    )
+
+
+CPU_BACKENDS = ["torch"] + [b for b in ("triton", "cpu") if b in fused_pool.available_backends()]
+HINTED_OPS = [*POOL_OPS, "attention_pool", "query_attention_pool"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", HINTED_OPS)
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_max_seqlen_hint_of_any_size(op, varlen, backend):
+    """max_seqlen is a host hint: any int >= 0, beyond int64 too, gives the same result (it was a
+    dispatcher error on the cpu backend, whose ops take an int64)."""
+    call, ref, leaves = _hinted_call(op, varlen, backend, seed=len(op) + varlen)
+    ref_leaves = [t.clone().requires_grad_() for t in leaves]
+    expected = ref(*ref_leaves)
+    grad = torch.randn(expected.shape, generator=make_generator(1))
+    expected_grads = torch.autograd.grad(expected, ref_leaves, grad)
+    for max_seqlen in (None, 0, 7, 2**31, 2**63 - 1, 2**63, 2**100):
+        hinted = [t.clone().requires_grad_() for t in leaves]
+        out = call(max_seqlen, *hinted)
+        assert_close(out, expected)
+        for got, want in zip(torch.autograd.grad(out, hinted, grad), expected_grads, strict=True):
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["masked_mean_max", "attention_pool", "query_attention_pool"])
+def test_max_seqlen_beyond_int64_under_compile(op, backend):
+    """Under torch.compile every backend's op is called through its int64 schema."""
+    call, ref, leaves = _hinted_call(op, True, backend, seed=3)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *t: call(2**63, *t), fullgraph=True)
+    assert_close(compiled(*leaves), ref(*leaves))
 
 
 @pytest.mark.parametrize("op", POOL_OPS)

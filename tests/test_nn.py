@@ -101,7 +101,7 @@ def test_attention_pool_mlp(backend, device):
 
 
 def test_attention_pool_arguments():
-    with pytest.raises(ValueError, match="num_heads = 5 must be >= 1 and divide hidden_size = 12"):
+    with pytest.raises(ValueError, match="num_heads = 5 must divide hidden_size = 12"):
         fnn.AttentionPool(12, num_heads=5)
     with pytest.raises(ValueError, match="scorer must be 'query' or 'mlp'"):
         fnn.AttentionPool(12, scorer="gru")
@@ -241,6 +241,34 @@ def test_weighted_mean_pool(backend, device, left):
     assert_close(pool(x), pool(x, torch.ones_like(mask)))  # no mask: every token kept
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_weighted_mean_pool_checks_its_arguments_first(backend, device):
+    """L = 0 pools to zeros like MeanPool; a bad mask is a ValueError naming it, not an error from
+    the position weights; varlen takes no mask (positions count from each sequence's start)."""
+    pool, mean = fnn.WeightedMeanPool(backend=backend), fnn.MeanPool(backend=backend)
+    for batch, length in ((3, 0), (0, 0), (0, 4)):
+        x = torch.randn(batch, length, 12, device=device, requires_grad=True)
+        mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+        for given in (mask, None):
+            out = pool(x, given)
+            assert torch.equal(out, torch.zeros(batch, 12, device=device))
+            assert torch.equal(out, mean(x, given))
+            (dx,) = torch.autograd.grad(out.sum(), x)
+            assert torch.equal(dx, torch.zeros_like(x))
+    x = torch.randn(2, 5, 12, device=device)
+    for bad in (
+        torch.ones(2, 4, device=device),
+        torch.ones(5, 2, device=device),
+        torch.ones(2, device=device),
+    ):
+        with pytest.raises(ValueError, match=r"mask must be \(B, L\) = \(2, 5\)"):
+            pool(x, bad)
+    tokens, cu_seqlens = x[0], cu_seqlens_of([2, 3], device=device)
+    for mask in (torch.ones(5, device=device), torch.ones(5, dtype=torch.bool, device=device)):
+        with pytest.raises(ValueError, match="mask must be None when cu_seqlens is given"):
+            pool(tokens, mask, cu_seqlens=cu_seqlens)
+
+
 def test_dense_pooler():
     torch.manual_seed(0)
     x, mask = padded_inputs("cpu", left=True, seed=8)
@@ -256,14 +284,53 @@ def test_dense_pooler():
         fnn.DensePooler(12, activation="swish")
     with pytest.raises(TypeError, match="activation must be a str or an nn.Module"):
         fnn.DensePooler(12, activation=3)
-    with pytest.raises(ValueError, match="DensePooler's base MeanMaxPool gives 24 features per sequence"):
-        fnn.DensePooler(12, base=fnn.MeanMaxPool()).output_size(12)
     with pytest.raises(ValueError, match="DensePooler was built for hidden_size = 12"):
         fnn.DensePooler(12).output_size(16)
     layered = fnn.DensePooler(8, base=fnn.WeightedLayerPool(num_layers=6, layer_start=2))
     assert layered.takes_layers
     layers = layers_of("cpu")
     assert_close(layered(layers), torch.tanh(layered.dense(layered.base(layers))))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_dense_pooler_takes_its_base_width(backend, device):
+    """A (B, 2H) base such as MeanMaxPool gets dense = Linear(2H, H): built, run and sized as such."""
+    torch.manual_seed(0)
+    x, mask = padded_inputs(device, seed=10)
+    pooler = fnn.DensePooler(12, base=fnn.MeanMaxPool(backend=backend)).to(device)
+    assert (pooler.dense.in_features, pooler.dense.out_features) == (24, 12) and pooler.output_size(12) == 12
+    leaves = [x.clone().requires_grad_() for _ in range(2)]
+    out = pooler(leaves[0], mask)
+    expected = torch.tanh(pooler.dense(reference.masked_mean_max(leaves[1], mask)))
+    assert out.shape == (4, 12)
+    assert_close(out, expected)
+    grad = torch.randn(out.shape, generator=make_generator(11)).to(device)
+    assert_close(
+        torch.autograd.grad(out, leaves[0], grad)[0], torch.autograd.grad(expected, leaves[1], grad)[0]
+    )
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("base", ["mean", "max"], ids=["linear_base", "mixing_base"])
+def test_weighted_layer_pool_weights_summing_to_zero(backend, device, base):
+    """Rejected as initial weights; learned weights that come to sum to 0 give 0, never NaN."""
+    for bad in ([1.0, -2.0, 1.0], [1.0, float("nan"), 1.0], [0.0, 0.0, 0.0]):
+        with pytest.raises(ValueError, match="layer_weights must be finite and must not sum to 0"):
+            fnn.WeightedLayerPool(6, layer_start=4, layer_weights=torch.tensor(bad))
+    with torch.device("meta"):  # from_pretrained's empty init: values unknown, nothing to check
+        assert fnn.WeightedLayerPool(6, layer_start=4).layer_weights.is_meta
+    pool = fnn.MeanPool(backend=backend) if base == "mean" else fnn.MaxPool(backend=backend)
+    module = fnn.WeightedLayerPool(6, layer_start=4, base=pool).to(device)
+    layers = [layer.requires_grad_() for layer in layers_of(device)]
+    mask = (torch.rand(3, 5, generator=make_generator(12)) > 0.3).to(device)
+    by_reference = reference.masked_mean if base == "mean" else reference.masked_max
+    assert_close(module(layers, mask), by_reference(torch.stack(layers[4:]).mean(0), mask))
+    with torch.no_grad():
+        module.layer_weights.copy_(torch.tensor([1.0, -2.0, 1.0]))  # a training step could get here
+    out = module(layers, mask)
+    assert torch.equal(out, torch.zeros(3, 8, device=device))
+    grads = torch.autograd.grad(out.sum(), [module.layer_weights, *layers[4:]])
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_lstm_pool():

@@ -1,11 +1,14 @@
-"""The two collectives of a distributed call: one all-gather of a small metadata row (the checks
-every rank must agree on, so that every rank raises the same error and none hangs), and one
-all-gather of the packed partial states.
+"""The collectives of a distributed call: one all-gather of a small metadata row (the checks
+every rank must agree on, so that every rank raises the same error and none hangs), for varlen one
+all-reduce of the offsets themselves, and one all-gather of the packed partial states.
 
 Metadata (int64, one row per rank): the op, the layout, whether the local checks failed, B, H, the
-head count, x's dtype, the local sequence length, and for varlen fingerprints of cu_seqlens and
-cu_seqlens_padded and flags, computed on their device (read back once, with the gathered rows:
-the call's one host sync).
+head count, x's dtype, the local sequence length, and for varlen the last offsets and flags,
+computed on their device (read back once, with the gathered rows: the call's host sync). Once the
+ranks agree on B, varlen calls compare cu_seqlens (and, zigzag, cu_seqlens_padded) whole: an
+all-reduce MAX of (offsets, ~offsets), B + 1 integers each, gives every rank each entry's largest
+and smallest value, and one flag read back says whether any entry differs across ranks. (A
+fingerprint, such as position-weighted sums, lets some differing vectors through.)
 """
 
 from __future__ import annotations
@@ -30,10 +33,7 @@ FIELDS = (
     "dtype",
     "local_len",  # L_r padded, T_r varlen
     "cu_last",  # cu_seqlens[-1]: T of the packed global batch
-    "cu_print",  # a fingerprint of cu_seqlens (position-weighted sums) that must be equal on every rank
-    "cu_print2",
     "padded_last",  # cu_seqlens_padded[-1]
-    "padded_print",  # a fingerprint of cu_seqlens_padded
     "padded_bad",  # 1: cu_seqlens_padded does not start at 0, decreases, or has a length not divisible by 2W
     "padded_short",  # 1: a real length exceeds its padded length
 )
@@ -87,27 +87,22 @@ def _collective_device(group, x: Tensor | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _fingerprints(offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """sum((i + 1) c_i) and sum((i + 1)^2 c_i) (int64, wrapping): equal offsets give equal prints,
-    and offsets that differ in one entry, or swap two, give different ones."""
-    position = torch.arange(1, offsets.shape[0] + 1, device=offsets.device)
-    return (offsets * position).sum(), (offsets * position * position).sum()
+def _offsets(call: LocalCall) -> tuple[Tensor, Tensor]:
+    """(cu_seqlens, cu_seqlens_padded) as int64; zigzag varlen slices by cu_seqlens_padded, which
+    defaults to cu_seqlens (other layouts ignore it)."""
+    cu = call.cu_seqlens.long()
+    return cu, cu if call.cu_seqlens_padded is None else call.cu_seqlens_padded.long()
 
 
 def _device_fields(call: LocalCall, world_size: int) -> Tensor:
-    """cu_last, cu_print, cu_print2, padded_last, padded_print, padded_bad, padded_short, computed
-    where cu_seqlens lives."""
-    cu = call.cu_seqlens
-    if cu is None:
-        return torch.zeros(7, dtype=torch.int64, device=call.x.device)
-    cu = cu.long()
-    # zigzag varlen slices by cu_seqlens_padded, cu_seqlens by default (other layouts ignore these)
-    padded = cu if call.cu_seqlens_padded is None else call.cu_seqlens_padded.long()
+    """cu_last, padded_last, padded_bad, padded_short, computed where cu_seqlens lives."""
+    if call.cu_seqlens is None:
+        return torch.zeros(4, dtype=torch.int64, device=call.x.device)
+    cu, padded = _offsets(call)
     lengths = padded[1:] - padded[:-1]
     bad = (padded[0] != 0) | (lengths < 0).any() | (lengths % (2 * world_size) != 0).any()
     short = ((cu[1:] - cu[:-1]) > lengths).any()
-    cu_prints, padded_print = _fingerprints(cu), _fingerprints(padded)[0]
-    return torch.stack([cu[-1], *cu_prints, padded[-1], padded_print, bad.long(), short.long()])
+    return torch.stack([cu[-1], padded[-1], bad.long(), short.long()])
 
 
 def exchange_metadata(op: str, layout: str, group: Group, call: LocalCall | None, error: Exception | None):
@@ -139,7 +134,10 @@ def exchange_metadata(op: str, layout: str, group: Group, call: LocalCall | None
     gathered = _all_gather(row, group).tolist()  # the call's one host sync
     rows = [dict(zip(FIELDS, values, strict=True)) for values in gathered]
     _raise_local_errors(rows, error, group)
-    _check_agreement(op, rows, group)
+    _check_same_call(rows, group)
+    if rows[0]["varlen"]:
+        _check_same_offsets(call, group, device)
+    _check_slices(rows, group)
     return rows
 
 
@@ -172,8 +170,9 @@ def _values(rows, field) -> list[int]:
     return [row[field] for row in rows]
 
 
-def _check_agreement(op: str, rows, group: Group) -> None:
-    world, layout = group.world_size, group.layout
+def _check_same_call(rows, group: Group) -> None:
+    """The op, the layout, padded or varlen, B, H, the head count and x's dtype."""
+    world = group.world_size
 
     def differ(field) -> bool:
         return len(set(_values(rows, field))) > 1
@@ -193,17 +192,41 @@ def _check_agreement(op: str, rows, group: Group) -> None:
         ("heads", "scores / query (the head count nh)"),
         ("dtype", "x (its dtype)"),
     ]
-    if varlen:
-        checks += [
-            ("cu_last", "cu_seqlens (the global offsets)"),
-            ("cu_print", "cu_seqlens (the global offsets)"),
-            ("cu_print2", "cu_seqlens (the global offsets)"),
-        ]
     for field, what in checks:
         if differ(field):
             raise ValueError(
                 f"{what} must be the same on every rank, got {_values(rows, field)} on ranks 0..{world - 1}"
             )
+
+
+def _check_same_offsets(call: LocalCall, group: Group, device: torch.device) -> None:
+    """cu_seqlens, and for zigzag cu_seqlens_padded, equal on every rank, entry by entry (B, so
+    their length, already agrees). One all-reduce MAX of (offsets, ~offsets): ~v = -1 - v reverses
+    the order without overflow, so its maximum is ~(the minimum)."""
+    cu, padded = _offsets(call)
+    named = [("cu_seqlens", cu)] + ([("cu_seqlens_padded", padded)] if group.layout == "zigzag" else [])
+    offsets = torch.cat([t for _, t in named]).to(device)
+    extremes = torch.cat([offsets, ~offsets])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group.group)
+    highest, lowest = extremes[: offsets.numel()], ~extremes[offsets.numel() :]
+    differs = highest != lowest
+    if not bool(differs.any()):  # the same flag on every rank; varlen's one more host read
+        return
+    for part, (name, t) in enumerate(named):
+        span = slice(part * t.numel(), (part + 1) * t.numel())
+        where = differs[span].nonzero()
+        if where.numel():
+            i = int(where[0, 0])
+            raise ValueError(
+                f"{name} must be the same on every rank (the global offsets); {name}[{i}] ranges from "
+                f"{int(lowest[span][i])} to {int(highest[span][i])} across the {group.world_size} ranks"
+            )
+
+
+def _check_slices(rows, group: Group) -> None:
+    """The ranks' local lengths against the layout and the offsets."""
+    world, layout = group.world_size, group.layout
+    varlen = bool(rows[0]["varlen"])
     lengths = _values(rows, "local_len")
     parts = 2 * world
     if layout == "contiguous" and varlen and sum(lengths) != rows[0]["cu_last"]:
@@ -219,8 +242,6 @@ def _check_agreement(op: str, rows, group: Group) -> None:
             f"local lengths {lengths}"
         )
     if layout == "zigzag" and varlen:
-        if differ("padded_last") or differ("padded_print"):
-            raise ValueError("cu_seqlens_padded must be the same on every rank")
         if any(_values(rows, "padded_bad")):
             raise ValueError(
                 f"cu_seqlens_padded (default: cu_seqlens) must start at 0 and every padded length must "

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .._checks import check_backend_name, check_count, check_pool_inputs
 from ..padding import segment_bounds
 from ..tokens import first_token, last_token
 
@@ -51,7 +52,7 @@ def position_weights(
     positions = torch.arange(
         1 + offset, length + 1 + offset, device=hidden_states.device, dtype=torch.float32
     )
-    if attention_mask is None:
+    if attention_mask is None or length == 0:
         return positions.expand(batch, length)
     kept = attention_mask != 0
     first_kept = kept.int().argmax(dim=1, keepdim=True)  # left-padding length (0 for right padding)
@@ -67,7 +68,7 @@ class _Pool(nn.Module):
 
     def __init__(self, backend: str | None = None) -> None:
         super().__init__()
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     def output_size(self, hidden_size: int) -> int:
         return self.width * hidden_size
@@ -109,12 +110,14 @@ class MeanMaxPool(_Pool):
 
 class WeightedMeanPool(_Pool):
     """Position-weighted mean (sentence-transformers' "weightedmean"): token i of a sequence, counted
-    from its first kept token, gets weight i (1, 2, ..., n) -> (B, H). Varlen inputs pass the
-    weights (T,) to the fused kernel: no (T, H) temporary."""
+    from its first kept token, gets weight i (1, 2, ..., n) -> (B, H). The mask keeps tokens where it
+    is nonzero; varlen inputs take no mask (ValueError) and pass the weights (T,) to the fused
+    kernel: no (T, H) temporary."""
 
     linear = True
 
     def forward(self, hidden_states, attention_mask=None, *, cu_seqlens=None, max_seqlen=None) -> Tensor:
+        check_pool_inputs(hidden_states, attention_mask, cu_seqlens, max_seqlen)  # before the weights
         weights = position_weights(hidden_states, attention_mask, cu_seqlens)
         return F.masked_mean(
             hidden_states, weights, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend
@@ -158,12 +161,14 @@ class AttentionPool(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if num_heads < 1 or hidden_size % num_heads:
-            raise ValueError(f"num_heads = {num_heads} must be >= 1 and divide hidden_size = {hidden_size}")
+        hidden_size, num_heads = check_count("hidden_size", hidden_size), check_count("num_heads", num_heads)
+        mlp_hidden = check_count("mlp_hidden", mlp_hidden)
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads = {num_heads} must divide hidden_size = {hidden_size}")
         if scorer not in ("query", "mlp"):
             raise ValueError(f"scorer must be 'query' or 'mlp', got {scorer!r}")
         self.hidden_size, self.num_heads, self.scorer_kind = hidden_size, num_heads, scorer
-        self.mlp_hidden, self.backend = mlp_hidden, backend
+        self.mlp_hidden, self.backend = mlp_hidden, check_backend_name(backend)
         if scorer == "query":
             self.query = nn.Parameter(torch.zeros(num_heads, hidden_size // num_heads))
         else:
@@ -195,11 +200,13 @@ _ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.Si
 
 class DensePooler(nn.Module):
     """activation(dense(base(hidden_states))) -> (B, H): BERT's pooler (dense + tanh on [CLS]) on any
-    model, or on any base pooling whose output is (B, H).
+    model, on top of any base pooling.
 
-    `dense` is nn.Linear(hidden_size, hidden_size), named as in BERT's pooler, so a BERT checkpoint's
-    `pooler.dense` weights load into it. activation: "tanh" (BERT), "gelu", "relu", "silu",
-    "identity", or an nn.Module. base defaults to CLSPool().
+    `dense` is nn.Linear(base width, hidden_size), named as in BERT's pooler: with a (B, H) base
+    (CLSPool, MeanPool, ...) it is Linear(H, H), so a BERT checkpoint's `pooler.dense` weights load
+    into it; a wider base such as MeanMaxPool (B, 2H) gets Linear(2H, H). The base width is
+    `base.output_size(hidden_size)` (hidden_size for a module without output_size). activation:
+    "tanh" (BERT), "gelu", "relu", "silu", "identity", or an nn.Module. base defaults to CLSPool().
     """
 
     def __init__(self, hidden_size: int, activation: str | nn.Module = "tanh", base: nn.Module | None = None):
@@ -214,9 +221,12 @@ class DensePooler(nn.Module):
             self.activation_name, act = None, activation
         else:
             raise TypeError(f"activation must be a str or an nn.Module, got {type(activation).__name__}")
-        self.hidden_size = hidden_size
+        self.hidden_size = check_count("hidden_size", hidden_size)
         self.base = base if base is not None else CLSPool()
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        base_size = hidden_size
+        if getattr(self.base, "output_size", None) is not None:
+            base_size = base_output_size(self.base, hidden_size)  # raises if built for another size
+        self.dense = nn.Linear(base_size, hidden_size)
         self.activation = act
 
     @property
@@ -230,10 +240,10 @@ class DensePooler(nn.Module):
     def output_size(self, hidden_size: int) -> int:
         _require_hidden_size(self, hidden_size)
         base_size = base_output_size(self.base, hidden_size)
-        if base_size != self.hidden_size:
+        if base_size != self.dense.in_features:
             raise ValueError(
                 f"DensePooler's base {type(self.base).__name__} gives {base_size} features per sequence, "
-                f"but dense takes hidden_size = {self.hidden_size}"
+                f"but dense takes {self.dense.in_features}"
             )
         return hidden_size
 

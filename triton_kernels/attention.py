@@ -534,3 +534,21 @@ def attention_backward(
         # Fixed-order sum of the per-program partials: deterministic, no atomics.
         return dx, dquery_parts.sum(0).view(query.shape).to(query.dtype)
     return dx, dscores
+
+
+# Temporary (branch house, until the triton branch lands): the launchers in the op kinds'
+# signatures (fused_pool.specs), the names fused_pool.ops calls.
+def attention_fwd(x, scores, mask, cu_seqlens, max_seqlen):
+    return attention_forward(x, scores, None, mask, cu_seqlens, max_seqlen, 1.0)
+
+
+def attention_bwd(grad_out, x, scores, mask, cu_seqlens, out, stats):
+    return attention_backward(grad_out, x, scores, None, mask, cu_seqlens, out, stats, 1.0)
+
+
+def query_attention_fwd(x, query, mask, cu_seqlens, max_seqlen, scale):
+    return attention_forward(x, None, query.contiguous(), mask, cu_seqlens, max_seqlen, scale)
+
+
+def query_attention_bwd(grad_out, x, query, mask, cu_seqlens, out, stats, scale):
+    return attention_backward(grad_out, x, None, query.contiguous(), mask, cu_seqlens, out, stats, scale)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..specs import MAX, MEAN, STATES, accumulation_dtype
+from ..contract import MAX, MEAN, STATES, accumulation_dtype
 from .segments import (
     channel_block,
     check_padded_length,
@@ -520,3 +520,13 @@ def pool_backward(
         **tile_launch(),
     )
     return dx
+
+
+# Temporary (branch house, until the triton branch lands): the launchers in the op kind's
+# signatures (fused_pool.specs), the names fused_pool.ops calls.
+def pool_fwd(x, mask, cu_seqlens, max_seqlen, mode):
+    return pool_forward(x, mask, cu_seqlens, max_seqlen, mode)
+
+
+def pool_bwd(grad_out, mask, cu_seqlens, den, argmax, x_shape, x_dtype, mode):
+    return pool_backward(grad_out, mask, cu_seqlens, den, argmax, list(x_shape), x_dtype, mode)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..specs import accumulation_dtype
+from ..contract import accumulation_dtype
 
 # A chunk shorter than this costs more in partials traffic than it gains in parallelism.
 MIN_CHUNK_ROWS = 128

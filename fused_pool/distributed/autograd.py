@@ -1,5 +1,5 @@
-"""Autograd of the distributed ops: a replicated output from all-gathered partial states, and a
-backward without communication.
+"""The autograd Functions of the distributed ops: a replicated output from all-gathered partial
+states, and a backward without communication.
 
 Forward: the local forward kernel runs on the rank's pieces (fused_pool.distributed.layout), its
 outputs become partial states (fused_pool.partials), every rank all-gathers them and combines them
@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..ops import Kernels
+from ..contract import STATES
+from ..ops import Kernels, first_order_grads
 from ..partials import (
     MaxState,
     MeanState,
@@ -34,7 +35,7 @@ from ..partials import (
     mean_of,
     pool_states,
 )
-from ..specs import STATES, OpSpec
+from ..specs import OpSpec
 from .collective import Group, all_gather_states
 from .layout import Pieces
 
@@ -110,7 +111,7 @@ class ReplicatedKernelOp(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         call = ctx.call
         grad_segments = call.pieces.per_segment(grad_out)
-        grads = call.spec.input_grads(ctx, call.kernels.backward, grad_segments)
+        grads = first_order_grads(call.spec, ctx, call.kernels.backward, grad_segments)
         return None, grads[0], grads[1] if call.spec.kind != "pool" else None
 
 

@@ -92,8 +92,19 @@ def test_graph_sees_the_package():
     assert "fused_pool.contract" in graph["fused_pool.triton_kernels.pool"]
 
 
-def test_contract_is_a_leaf():
-    assert import_graph()["fused_pool.contract"] == set()
+def test_contract_is_a_leaf_and_specs_data_only():
+    graph = import_graph()
+    assert graph["fused_pool.contract"] == set()
+    assert graph["fused_pool.specs"] == {"fused_pool.contract"}  # no kernel, no backend table
+
+
+def test_contract_facts_have_one_home():
+    import fused_pool.contract
+    import fused_pool.specs
+
+    facts = ("MEAN", "MAX", "MEAN_MAX", "STATES", "accumulation_dtype", "num_seqs")
+    assert all(hasattr(fused_pool.contract, name) for name in facts)
+    assert not [name for name in facts if hasattr(fused_pool.specs, name)]
 
 
 def test_no_import_cycle():

@@ -11,7 +11,9 @@ The local backward kernel runs with the GLOBAL states substituted for its forwar
 says why that is exact): the global sum of weights for mean; for max, the winning token's index on
 the rank and slice that hold it and -1 elsewhere; the global softmax (m, l) and output for
 attention. A replicated `query` gets this rank's contribution to dquery; the sum over ranks is the
-full gradient.
+full gradient. First order only, as on one device (fused_pool.ops.first_order_grads): a second
+backward through these gradients raises. The token ops' backward is a plain `where`, differentiable
+again.
 """
 
 from __future__ import annotations

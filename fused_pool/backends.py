@@ -8,7 +8,7 @@
 
 Default (backend=None and no FUSED_POOL_BACKEND): Triton for CUDA tensors when it imports, else
 the CUDA extension; the CPU extension for CPU tensors; "torch" where nothing else can run.
-The kernels each backend runs for each op kind are listed in fused_pool.specs.
+The kernels each backend runs for each op kind are listed in fused_pool.ops (the dispatch point).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from ._checks import check_pool_inputs, check_query, check_scale, check_scores, max_seqlen_hint
 from .backends import resolve_backend
+from .contract import MAX, MEAN, MEAN_MAX
 from .ops import run
-from .specs import MAX, MEAN, MEAN_MAX
 from .tokens import first_token, last_token
 
 __all__ = [

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .specs import MAX, MEAN, MEAN_MAX
+from .contract import MAX, MEAN, MEAN_MAX
 
 
 class MeanState(NamedTuple):

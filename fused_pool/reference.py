@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .specs import accumulation_dtype as _accumulation_dtype
+from .contract import accumulation_dtype as _accumulation_dtype
 
 __all__ = [
     "masked_mean",

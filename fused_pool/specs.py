@@ -9,9 +9,9 @@ A kind is a forward / backward kernel pair with one schema on every backend:
     query_attention: (x, query, mask, cu_seqlens, max_seqlen, scale) -> (out, stats)
                      backward: (grad_out, x, query, mask, cu_seqlens, out, stats, scale) -> (dx, dquery)
 
-pool `mode` is MEAN, MAX or MEAN_MAX, and a forward may add STATES: then `out` holds the partial
-states (fused_pool.partials) in the accumulation dtype, its mean half the sum of w x, not divided by
-den. Otherwise `out` is (B, H) (mean_max: (B, 2H)) in x's dtype; `den` is the
+pool `mode` is MEAN, MAX or MEAN_MAX (fused_pool.contract), and a forward may add STATES: then
+`out` holds the partial states (fused_pool.partials) in the accumulation dtype, its mean half the
+sum of w x, not divided by den. Otherwise `out` is (B, H) (mean_max: (B, 2H)) in x's dtype; `den` is the
 sum of weights per sequence (B,) in the accumulation dtype (mean modes, else empty); `argmax` is
 the int32 (B, H) index of the winning token within its sequence (l padded, t - start varlen; -1 for
 an empty sequence) (max modes, else empty). The pool backward computes dx = w g / den[seq] (0 where
@@ -28,10 +28,10 @@ ones its forward returned: the distributed ops (fused_pool.distributed) run the 
 kernels with the global states.
 
 Each spec also says what autograd saves and how the kernel gradients map to the op's inputs
-(`save`, `input_grads`), gives the fake kernels torch.compile traces with, and names the kernels of
-each backend (`backends`: "triton" and "torch" are Python functions, registered as custom ops by
-fused_pool.ops; "cpu" / "cuda" are the extension's C++ ops `fused_pool::ext_<kind>_fwd` / `_bwd`,
-whose schemas must equal the ones here).
+(`save`, `input_grads`) and gives the fake kernels torch.compile traces with. Data only: no kernel
+is imported here. Every backend implements each kind as `<kind>_fwd` / `<kind>_bwd` with these
+schemas; fused_pool.ops says which module holds them and registers them (the extension's C++ ops
+`fused_pool::ext_<kind>_fwd` / `_bwd` must have the same schemas).
 """
 
 from __future__ import annotations
@@ -42,11 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import python_kernels
-from .backends import BACKENDS
-from .contract import MAX, MEAN, MEAN_MAX, STATES, accumulation_dtype, num_seqs
-
-EXTENSION = "extension"  # a backend table entry: the extension's registered C++ ops
+from . import contract
 
 
 @dataclass(frozen=True)
@@ -58,7 +54,6 @@ class OpSpec:
     fake_backward: Callable[..., Tensor | tuple[Tensor, ...]]
     save: Callable[..., None]  # setup_context(ctx, inputs, output): what backward needs
     input_grads: Callable[..., tuple]  # (ctx, backward kernel, grad_out) -> one gradient per input
-    backends: dict[str, tuple[Callable, Callable] | str]  # backend -> (forward, backward) or EXTENSION
 
 
 # --- pool -----------------------------------------------------------------------------------------
@@ -67,7 +62,7 @@ class OpSpec:
 def _pool_save(ctx, inputs, output) -> None:
     x, mask, cu_seqlens, _max_seqlen, mode = inputs
     ctx.save_for_backward(mask, cu_seqlens, output[1], output[2])
-    ctx.x_shape, ctx.x_dtype, ctx.mode = list(x.shape), x.dtype, mode & MEAN_MAX
+    ctx.x_shape, ctx.x_dtype, ctx.mode = list(x.shape), x.dtype, mode & contract.MEAN_MAX
 
 
 def _pool_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
@@ -77,11 +72,11 @@ def _pool_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
 
 
 def _pool_fake_forward(x, mask, cu_seqlens, max_seqlen, mode):
-    batch, hidden = num_seqs(x, cu_seqlens), x.shape[-1]
-    out_dtype = accumulation_dtype(x.dtype) if mode & STATES else x.dtype
-    out = x.new_empty(batch, 2 * hidden if mode & MEAN_MAX == MEAN_MAX else hidden, dtype=out_dtype)
-    den = x.new_empty(batch if mode & MEAN else 0, dtype=accumulation_dtype(x.dtype))
-    argmax = x.new_empty((batch, hidden) if mode & MAX else (0,), dtype=torch.int32)
+    batch, hidden, acc = contract.num_seqs(x, cu_seqlens), x.shape[-1], contract.accumulation_dtype(x.dtype)
+    both = mode & contract.MEAN_MAX == contract.MEAN_MAX
+    out = x.new_empty(batch, 2 * hidden if both else hidden, dtype=acc if mode & contract.STATES else x.dtype)
+    den = x.new_empty(batch if mode & contract.MEAN else 0, dtype=acc)
+    argmax = x.new_empty((batch, hidden) if mode & contract.MAX else (0,), dtype=torch.int32)
     return out, den, argmax
 
 
@@ -102,12 +97,6 @@ POOL = OpSpec(
     fake_backward=_pool_fake_backward,
     save=_pool_save,
     input_grads=_pool_input_grads,
-    backends={
-        "triton": (python_kernels.triton_pool_fwd, python_kernels.triton_pool_bwd),
-        "torch": (python_kernels.torch_pool_fwd, python_kernels.torch_pool_bwd),
-        "cpu": EXTENSION,
-        "cuda": EXTENSION,
-    },
 )
 
 
@@ -129,7 +118,7 @@ def _attention_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
 
 def _attention_fake_forward(x, scores_or_query, mask, cu_seqlens, max_seqlen, *scale):
     num_heads = scores_or_query.shape[0] if scale else scores_or_query.shape[-1]
-    acc, batch = accumulation_dtype(x.dtype), num_seqs(x, cu_seqlens)
+    acc, batch = contract.accumulation_dtype(x.dtype), contract.num_seqs(x, cu_seqlens)
     return x.new_empty(batch, x.shape[-1], dtype=acc), x.new_empty(batch, num_heads, 2, dtype=acc)
 
 
@@ -153,12 +142,6 @@ ATTENTION = OpSpec(
         "(Tensor grad_out, Tensor x, Tensor scores, Tensor? mask, Tensor? cu_seqlens, Tensor out,"
         " Tensor stats) -> (Tensor, Tensor)"
     ),
-    backends={
-        "triton": (python_kernels.triton_attention_fwd, python_kernels.triton_attention_bwd),
-        "torch": (python_kernels.torch_attention_fwd, python_kernels.torch_attention_bwd),
-        "cpu": EXTENSION,
-        "cuda": EXTENSION,
-    },
     **_ATTENTION_COMMON,
 )
 
@@ -172,14 +155,7 @@ QUERY_ATTENTION = OpSpec(
         "(Tensor grad_out, Tensor x, Tensor query, Tensor? mask, Tensor? cu_seqlens, Tensor out,"
         " Tensor stats, float scale) -> (Tensor, Tensor)"
     ),
-    backends={
-        "triton": (python_kernels.triton_query_attention_fwd, python_kernels.triton_query_attention_bwd),
-        "torch": (python_kernels.torch_query_attention_fwd, python_kernels.torch_query_attention_bwd),
-        "cpu": EXTENSION,
-        "cuda": EXTENSION,
-    },
     **_ATTENTION_COMMON,
 )
 
 SPECS: dict[str, OpSpec] = {spec.kind: spec for spec in (POOL, ATTENTION, QUERY_ATTENTION)}
-assert all(set(spec.backends) == set(BACKENDS) for spec in SPECS.values()), "a backend table is incomplete"

@@ -1,8 +1,8 @@
 """The "torch" backend: the fused backends' kernels written in plain PyTorch.
 
-Same launchers, arguments, results and saved states as fused_pool.triton_kernels (see
-fused_pool.specs): `pool_forward` / `pool_backward` return and take (out, den, argmax),
-`attention_forward` / `attention_backward` (out, stats = softmax (m, l)). Written for clarity: every
+The same kernels, in the op kinds' signatures (fused_pool.specs), as fused_pool.triton_kernels:
+`pool_fwd` / `pool_bwd` return and take (out, den, argmax), `attention_fwd` / `attention_bwd` and
+`query_attention_fwd` / `query_attention_bwd` (out, stats = softmax (m, l)). Written for clarity: every
 token is handled through `Segments`, which maps per-sequence values to tokens and reduces tokens to
 sequences, for padded (B, L) and varlen (T,) token axes alike. No host sync (varlen sequences are
 found with searchsorted, not read back), deterministic on CPU. Not fused: temporaries of the size of
@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .contract import MAX, MEAN, STATES, accumulation_dtype
 from .padding import segment_bounds
 from .partials import MeanState, mean_of
-from .specs import MAX, MEAN, STATES, accumulation_dtype
 
 _NO_INDEX = torch.iinfo(torch.int64).max
 
@@ -117,7 +117,7 @@ def _max(x: Tensor, seg: Segments) -> tuple[Tensor, Tensor]:
     return value, argmax.to(torch.int32)
 
 
-def pool_forward(x: Tensor, mask, cu_seqlens, max_seqlen, mode: int) -> tuple[Tensor, Tensor, Tensor]:
+def pool_fwd(x: Tensor, mask, cu_seqlens, max_seqlen, mode: int) -> tuple[Tensor, Tensor, Tensor]:
     """(out (B, H or 2H) in x.dtype (STATES: the states in the accumulation dtype), den (B,) if mean
     else empty, int32 argmax (B, H) if max else empty)."""
     acc = accumulation_dtype(x.dtype)
@@ -132,7 +132,7 @@ def pool_forward(x: Tensor, mask, cu_seqlens, max_seqlen, mode: int) -> tuple[Te
     return torch.cat(parts, -1).to(acc if mode & STATES else x.dtype), den, argmax
 
 
-def pool_backward(grad_out, mask, cu_seqlens, den, argmax, x_shape, x_dtype, mode: int) -> Tensor:
+def pool_bwd(grad_out, mask, cu_seqlens, den, argmax, x_shape, x_dtype, mode: int) -> Tensor:
     """dx (x_shape, x_dtype): w g / den[seq] (mean) + g where the token is argmax[seq] (max)."""
     acc = accumulation_dtype(x_dtype)
     seg = Segments(x_shape, mask, cu_seqlens, acc, grad_out.device)
@@ -163,7 +163,7 @@ def _scores(xs: Tensor, scores: Tensor | None, query: Tensor | None, scale: floa
     return (_heads(xs, query.shape[0]) * query.to(acc)).sum(-1) * scale
 
 
-def attention_forward(x, scores, query, mask, cu_seqlens, max_seqlen, scale: float) -> tuple[Tensor, Tensor]:
+def _attention_forward(x, scores, query, mask, cu_seqlens, max_seqlen, scale: float) -> tuple[Tensor, Tensor]:
     """(out (B, H) and stats (B, nh, 2) = softmax (m, l), both in the accumulation dtype)."""
     acc = accumulation_dtype(x.dtype)
     seg = Segments(x.shape, mask, cu_seqlens, acc, x.device)
@@ -181,7 +181,7 @@ def attention_forward(x, scores, query, mask, cu_seqlens, max_seqlen, scale: flo
     return out.flatten(-2), torch.stack([row_max, den], -1)
 
 
-def attention_backward(grad_out, x, scores, query, mask, cu_seqlens, out, stats, scale: float):
+def _attention_backward(grad_out, x, scores, query, mask, cu_seqlens, out, stats, scale: float):
     """(dx like x, dscores like scores or dquery like query): p = exp(s - m) / l from the given
     stats (0 where l == 0), ds = p g . (x - out), dx = p g (+ ds scale query)."""
     acc = out.dtype
@@ -204,3 +204,19 @@ def attention_backward(grad_out, x, scores, query, mask, cu_seqlens, out, stats,
     token_dims = tuple(range(ds.dim() - 1))
     dquery = ((ds * scale)[..., None] * _heads(xs, num_heads)).sum(token_dims)
     return dx.flatten(-2).to(x.dtype), dquery.to(query.dtype).reshape(query.shape)
+
+
+def attention_fwd(x, scores, mask, cu_seqlens, max_seqlen) -> tuple[Tensor, Tensor]:
+    return _attention_forward(x, scores, None, mask, cu_seqlens, max_seqlen, 1.0)
+
+
+def attention_bwd(grad_out, x, scores, mask, cu_seqlens, out, stats) -> tuple[Tensor, Tensor]:
+    return _attention_backward(grad_out, x, scores, None, mask, cu_seqlens, out, stats, 1.0)
+
+
+def query_attention_fwd(x, query, mask, cu_seqlens, max_seqlen, scale: float) -> tuple[Tensor, Tensor]:
+    return _attention_forward(x, None, query, mask, cu_seqlens, max_seqlen, scale)
+
+
+def query_attention_bwd(grad_out, x, query, mask, cu_seqlens, out, stats, scale: float):
+    return _attention_backward(grad_out, x, None, query, mask, cu_seqlens, out, stats, scale)

@@ -7,7 +7,8 @@ import torch
 from helpers import FUSED, assert_close, cu_seqlens_of
 
 import fused_pool
-from fused_pool.ops import MAX, MEAN, MEAN_MAX, kernels
+from fused_pool.contract import MAX, MEAN, MEAN_MAX
+from fused_pool.ops import kernels
 
 OPS = ["masked_mean", "masked_max", "masked_mean_max"]
 ATTENTION_OPS = ["attention_pool", "query_attention_pool"]

@@ -19,8 +19,8 @@ from helpers import FUSED, assert_close, cu_seqlens_of, make_generator
 import fused_pool
 import fused_pool.distributed as fd
 from fused_pool import partials
+from fused_pool.contract import MAX, MEAN, MEAN_MAX, STATES
 from fused_pool.ops import kernels
-from fused_pool.specs import MAX, MEAN, MEAN_MAX, STATES
 
 WORKER = Path(__file__).with_name("distributed_cases.py")
 GROUP_TIMEOUT_S = 300  # the whole group; each collective also times out after 60 s

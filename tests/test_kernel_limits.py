@@ -14,7 +14,8 @@ from test_attention import check_attention, make_query
 
 import fused_pool
 from fused_pool import reference
-from fused_pool.ops import MAX, kernels
+from fused_pool.contract import MAX
+from fused_pool.ops import kernels
 
 TRITON = [p for p in FUSED if p.values[0] == "triton"]
 

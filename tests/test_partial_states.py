@@ -12,9 +12,9 @@ import torch
 from helpers import cu_seqlens_of, make_generator, make_mask, poisoned_allocations, stable_seed
 
 from fused_pool.backends import unavailable_reason
+from fused_pool.contract import MAX, MEAN, MEAN_MAX, STATES, accumulation_dtype
 from fused_pool.ops import kernels
 from fused_pool.partials import pool_states
-from fused_pool.specs import MAX, MEAN, MEAN_MAX, STATES, accumulation_dtype
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = [

@@ -11,8 +11,8 @@ from test_attention import check_attention, make_query, make_scores
 from test_pool import check_op
 
 import fused_pool
+from fused_pool.contract import MAX, MEAN, MEAN_MAX
 from fused_pool.ops import kernels
-from fused_pool.specs import MAX, MEAN, MEAN_MAX
 
 POOL_OPS = ["masked_mean", "masked_max", "masked_mean_max"]
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from fused_pool.specs import MAX, MEAN, MEAN_MAX  # imported once fused_pool is (triton_check.collect)
+from fused_pool.contract import MAX, MEAN, MEAN_MAX  # imported once fused_pool is (triton_check.collect)
 
 # Hidden size for the pool ops, head size for the attention ops (H = size * heads).
 SIZES = (64, 768, 1000, 4096, 8192, 16384)

@@ -156,15 +156,15 @@ def describe(jit_function, specialization_data: str) -> dict:
 
 def collect(archs: list[int], only: str | None) -> tuple[list[dict], dict]:
     import cases as matrix
-    import fused_pool.triton_kernels.attention  # noqa: F401  (the launchers, patched below)
-    import fused_pool.triton_kernels.pool  # noqa: F401
     import torch
     from triton import knobs
 
     import fused_pool
     import fused_pool.functional
+    import fused_pool.triton_kernels.attention  # noqa: F401  (the launchers, patched below)
+    import fused_pool.triton_kernels.pool  # noqa: F401
+    from fused_pool.contract import STATES
     from fused_pool.ops import kernels
-    from fused_pool.specs import STATES
 
     specs: dict[tuple, dict] = {}
     seen_now: list[tuple] = []

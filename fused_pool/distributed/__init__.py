@@ -42,12 +42,13 @@ from torch import Tensor
 
 from .._checks import INDEX_DTYPES, check_pool_inputs, check_query, check_scale, check_scores
 from ..backends import resolve_backend
+from ..contract import MAX, MEAN, MEAN_MAX
 from ..ops import kernels
-from ..specs import MAX, MEAN, MEAN_MAX, SPECS
+from ..specs import SPECS
 from ..tokens import gather_tokens, token_positions
+from .autograd import KernelCall, replicated_kernel_op, replicated_tokens
 from .collective import Group, LocalCall, exchange_metadata, resolve_group, token_offset
 from .layout import LAYOUTS, contiguous_pieces, shard, zigzag_padded_pieces, zigzag_varlen_pieces
-from .replicated import KernelCall, replicated_kernel_op, replicated_tokens
 
 __all__ = [
     "attention_pool",

@@ -1,5 +1,5 @@
-"""Autograd of the distributed ops: a replicated output from all-gathered partial states, and a
-backward without communication.
+"""The autograd Functions of the distributed ops: a replicated output from all-gathered partial
+states, and a backward without communication.
 
 Forward: the local forward kernel runs on the rank's pieces (fused_pool.distributed.layout), its
 outputs become partial states (fused_pool.partials), every rank all-gathers them and combines them
@@ -11,7 +11,9 @@ The local backward kernel runs with the GLOBAL states substituted for its forwar
 says why that is exact): the global sum of weights for mean; for max, the winning token's index on
 the rank and slice that hold it and -1 elsewhere; the global softmax (m, l) and output for
 attention. A replicated `query` gets this rank's contribution to dquery; the sum over ranks is the
-full gradient.
+full gradient. First order only, as on one device (fused_pool.ops.first_order_grads): a second
+backward through these gradients raises. The token ops' backward is a plain `where`, differentiable
+again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..ops import Kernels
+from ..contract import STATES
+from ..ops import Kernels, first_order_grads
 from ..partials import (
     MaxState,
     MeanState,
@@ -34,7 +37,7 @@ from ..partials import (
     mean_of,
     pool_states,
 )
-from ..specs import STATES, OpSpec
+from ..specs import OpSpec
 from .collective import Group, all_gather_states
 from .layout import Pieces
 
@@ -110,7 +113,7 @@ class ReplicatedKernelOp(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         call = ctx.call
         grad_segments = call.pieces.per_segment(grad_out)
-        grads = call.spec.input_grads(ctx, call.kernels.backward, grad_segments)
+        grads = first_order_grads(call.spec, ctx, call.kernels.backward, grad_segments)
         return None, grads[0], grads[1] if call.spec.kind != "pool" else None
 
 

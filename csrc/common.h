@@ -161,10 +161,11 @@ FP_HOST_DEVICE Acc merged_max(Acc current, Acc incoming, Acc& alpha, Acc& beta) 
   return m;
 }
 
-// Softmax weight of a row from the saved statistics: exp(s - m) / l, or 0 for an empty head.
+// Softmax weight of a row from the saved statistics: exp(s - m) / l, or 0 for an empty head
+// (l == 0); NaN where l is NaN (a NaN or +inf kept score).
 template <typename Acc>
 FP_HOST_DEVICE Acc softmax_weight(Acc s, Acc m, Acc l) {
-  return l > Acc(0) ? std::exp(s - m) / l : Acc(0);
+  return l != Acc(0) ? std::exp(s - m) / l : Acc(0);
 }
 
 }  // namespace fused_pool

@@ -92,8 +92,10 @@ def attention_pool(
 
     scores: (B, L) or (B, L, nh) padded, (T,) or (T, nh) varlen, any floating dtype; head k pools
     channels [k H/nh, (k+1) H/nh). Softmax statistics are float32. A sequence with no kept token,
-    or whose kept scores are all -inf, pools to 0 with zero gradients. Gradients flow to x and
-    scores.
+    or whose kept scores are all -inf, pools to 0 with zero gradients. Otherwise the weights are
+    torch.softmax of the head's kept scores and out = sum(p x): a NaN or +inf kept score makes the
+    head's output and its kept tokens' gradients NaN, and a kept NaN token its channel. Gradients
+    flow to x and scores.
     """
     x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
     max_seqlen = max_seqlen_hint(max_seqlen, x)
@@ -117,15 +119,19 @@ def query_attention_pool(
     """Attention pooling with a learned query -> (B, H): scores (x_head . query_head) * scale,
     computed inside the kernel, softmax over each sequence's kept tokens, weighted sum.
 
-    query: (H,) for one head or (nh, H/nh); scale defaults to 1/sqrt(H/nh). Gradients flow to x and
-    query (dquery summed over every sequence and token in a fixed order: deterministic).
+    query: (H,) for one head or (nh, H/nh); scale defaults to 1/sqrt(H/nh) (H = 0: (B, 0) out).
+    Non-finite scores follow torch.softmax as in attention_pool: a kept NaN token, or a nan / inf
+    scale, makes the head NaN; a head whose kept scores are all -inf pools to 0. Gradients flow to
+    x and query (dquery summed over every sequence and token in a fixed order: deterministic).
     """
     x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
     max_seqlen = max_seqlen_hint(max_seqlen, x)
     num_heads = check_query(query, x)
     check_scale(scale)
     head_dim = x.shape[-1] // num_heads
-    scale = float(head_dim**-0.5 if scale is None else scale)
+    if scale is None:
+        scale = head_dim**-0.5 if head_dim else 1.0  # H = 0: no channel, any scale
+    scale = float(scale)
     query = query.view(num_heads, head_dim)
     backend = resolve_backend(backend, x.device)
     out = run("query_attention", backend, x, query, mask, cu_seqlens, max_seqlen, scale)

@@ -97,14 +97,15 @@ def combine_max(pieces: MaxState) -> tuple[MaxState, Tensor]:
 
 def combine_softmax(pieces: SoftmaxState) -> SoftmaxState:
     """Merges the pieces in order as split softmax does: out = sum_k w_k out_k / sum_k w_k with
-    w_k = l_k exp(m_k - M), M the running max; stats (M, sum_k w_k)."""
+    w_k = l_k exp(m_k - M), M the running max; stats (M, sum_k w_k). Pieces with l = 0 (empty)
+    have no say; a piece with l = NaN (its softmax met a NaN or +inf score) makes the head NaN."""
     num_heads = pieces.stats.shape[-2]
     row_max = torch.full_like(pieces.stats[0, ..., 0], float("-inf"))
     den = torch.zeros_like(row_max)
     total = torch.zeros_like(pieces.out[0]).unflatten(-1, (num_heads, -1))
     for k in range(pieces.stats.shape[0]):
         piece_den = pieces.stats[k, ..., 1]
-        piece_max = torch.where(piece_den > 0, pieces.stats[k, ..., 0], float("-inf"))  # empty: no say
+        piece_max = torch.where(piece_den != 0, pieces.stats[k, ..., 0], float("-inf"))  # empty: no say
         new_max = torch.maximum(row_max, piece_max)
         shift = torch.where(new_max == float("-inf"), 0, new_max)
         alpha, beta = torch.exp(row_max - shift), torch.exp(piece_max - shift)
@@ -112,7 +113,7 @@ def combine_softmax(pieces: SoftmaxState) -> SoftmaxState:
         piece_total = pieces.out[k].unflatten(-1, (num_heads, -1)) * piece_den[..., None]
         total = total * alpha[..., None] + piece_total * beta[..., None]
         row_max = new_max
-    nonempty = (den > 0)[..., None]
+    nonempty = (den != 0)[..., None]  # a NaN piece (NaN or +inf score) makes den, out NaN
     out = torch.where(nonempty, total / torch.where(nonempty, den[..., None], 1), 0).flatten(-2)
     return SoftmaxState(out, torch.stack([row_max, den], -1))
 

@@ -8,7 +8,8 @@ assumed valid: the public functions check them). Every semantic rule of the libr
 - a floating mask weights `masked_mean` (sum(w * x) / sum(w)); every other op keeps w != 0;
   varlen `masked_mean` takes per-token weights (T,) as its mask;
 - a sequence with no kept token gives 0 and zero gradients; in attention pooling, kept positions
-  whose scores are all -inf count as empty;
+  whose scores are all -inf count as empty; otherwise the weights are torch.softmax of the kept
+  scores, NaN for the whole head if a kept score is NaN or +inf, and the output is sum(p * x);
 - `masked_max` sends its gradient to the first (lowest position) maximal kept token; a kept NaN
   wins, as in `torch.max`;
 - the mask never receives a gradient.
@@ -145,23 +146,20 @@ def masked_mean_max(
 
 
 def _softmax_pool(xs: Tensor, scores: Tensor, kept: Tensor) -> Tensor:
-    """Per head k: sum_l softmax_l(scores[..., k]) * xs[..., head k channels] over kept tokens.
+    """Per head k: sum_l p_l * xs[:, l, head k channels], p = torch.softmax of the kept scores.
 
     xs: (B, L, H) in the accumulation dtype, zero where not kept; scores: (B, L, nh); kept: (B, L).
+    A head whose kept scores are all -inf (or that has no kept token) is empty: 0, zero gradients.
+    Otherwise p is exactly torch.softmax's: a NaN or +inf kept score makes every p of the head NaN.
     """
     batch, length, hidden = xs.shape
     num_heads = scores.shape[-1]
     scores = torch.where(kept[..., None], scores, float("-inf"))
-    if length == 0:  # no positions at all: every sequence is empty
-        return xs.sum(1) * 0
-    row_max = scores.amax(1, keepdim=True).detach()
-    row_max = torch.where(row_max == float("-inf"), 0, row_max)  # empty heads: avoid -inf - -inf
-    p = torch.exp(scores - row_max)  # 0 where not kept or where the score is -inf
-    den = p.sum(1, keepdim=True)
-    nonempty = den > 0
-    weights = torch.where(nonempty, p / torch.where(nonempty, den, 1), 0)
+    empty = (scores == float("-inf")).all(1)  # (B, nh); also with no positions at all
+    p = torch.softmax(torch.where(empty[:, None], 0, scores), dim=1)  # empty heads: any finite p
     heads = xs.reshape(batch, length, num_heads, hidden // num_heads)
-    return (weights[..., None] * heads).sum(1).reshape(batch, hidden)
+    pooled = (p[..., None] * heads).sum(1)  # (B, nh, D)
+    return torch.where(empty[..., None], 0, pooled).reshape(batch, hidden)
 
 
 def attention_pool(
@@ -207,12 +205,18 @@ def query_attention_pool(
     xs, mask, _ = _padded_view(x, mask, cu_seqlens)
     kept = _kept(mask)
     batch, length, hidden = xs.shape
-    query = query.reshape(-1, query.shape[-1]).to(acc)  # (nh, D)
+    query = (query if query.dim() == 2 else query[None]).to(acc)  # (nh, D)
     num_heads, head_dim = query.shape
     if scale is None:
-        scale = head_dim**-0.5
+        scale = head_dim**-0.5 if head_dim else 1.0  # H = 0: no channel, any scale
     xs = torch.where(kept[..., None], xs.to(acc), 0)
-    scores = (xs.reshape(batch, length, num_heads, head_dim) * query).sum(-1) * scale
+    dots = (xs.reshape(batch, length, num_heads, head_dim) * query).sum(-1)  # (B, L, nh)
+    # Scaled only where a score counts, on the kept tokens of heads not empty (some kept score above
+    # -inf): a nan / inf scale must reach neither padding nor an empty head, not even as 0 * inf
+    # in autograd.
+    above_minus_inf = kept[..., None] & (dots.detach() * scale != float("-inf"))
+    counts = kept[..., None] & above_minus_inf.any(1, keepdim=True)
+    scores = torch.full_like(dots, float("-inf")).index_put((counts,), dots[counts] * scale)
     return _softmax_pool(xs, scores, kept).to(x.dtype)
 
 

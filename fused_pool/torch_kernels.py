@@ -173,36 +173,40 @@ def _attention_forward(x, scores, query, mask, cu_seqlens, max_seqlen, scale: fl
     s = torch.where(_expand(seg.keep, raw), raw, float("-inf"))
     row_max = seg.amax(s, float("-inf"))  # (B, nh); -inf for an empty head
     shift = torch.where(row_max == float("-inf"), 0, row_max)
-    p = torch.exp(s - seg.per_token(shift))  # 0 where the score is -inf
+    p = torch.exp(s - seg.per_token(shift))  # 0 where the score is -inf; NaN or +inf: l is NaN
     den = seg.sum(p)
     total = seg.sum(p[..., None] * _heads(xs, s.shape[-1]))  # (B, nh, D)
-    nonempty = (den > 0)[..., None]
+    nonempty = (den != 0)[..., None]  # l == 0: every kept score -inf; a NaN l gives NaN
     out = torch.where(nonempty, total / torch.where(nonempty, den[..., None], 1), 0)
     return out.flatten(-2), torch.stack([row_max, den], -1)
 
 
 def _attention_backward(grad_out, x, scores, query, mask, cu_seqlens, out, stats, scale: float):
     """(dx like x, dscores like scores or dquery like query): p = exp(s - m) / l from the given
-    stats (0 where l == 0), ds = p g . (x - out), dx = p g (+ ds scale query)."""
+    stats, ds = p g . (x - out), dx = p g (+ ds scale query); all 0 where l == 0 (an empty head)
+    and on padding, whatever x or scale hold there."""
     acc = out.dtype
     seg = Segments(x.shape, mask, cu_seqlens, acc, x.device)
     keep = _expand(seg.keep, x)
     xs = torch.where(keep, x.to(acc), 0)
     s = _scores(xs, scores, query, scale, acc)
     row_max, den = seg.per_token(stats[..., 0]), seg.per_token(stats[..., 1])
-    nonempty = _expand(seg.keep, s) & (den > 0)
+    nonempty = _expand(seg.keep, s) & (den != 0)
     p = torch.where(
         nonempty, torch.exp(s - torch.where(nonempty, row_max, 0)) / torch.where(nonempty, den, 1), 0
     )
     num_heads = s.shape[-1]
     g = _heads(seg.per_token(grad_out.to(acc)), num_heads)
-    ds = p * (g * (_heads(xs, num_heads) - _heads(seg.per_token(out), num_heads))).sum(-1)
+    ds = torch.where(
+        nonempty, p * (g * (_heads(xs, num_heads) - _heads(seg.per_token(out), num_heads))).sum(-1), 0
+    )
     dx = p[..., None] * g
     if query is None:
         return dx.flatten(-2).to(x.dtype), ds.to(scores.dtype).reshape(scores.shape)
-    dx = dx + (ds * scale)[..., None] * query.to(acc)
+    ds_scaled = torch.where(nonempty, ds * scale, 0)  # not 0 * inf on padding
+    dx = dx + ds_scaled[..., None] * query.to(acc)
     token_dims = tuple(range(ds.dim() - 1))
-    dquery = ((ds * scale)[..., None] * _heads(xs, num_heads)).sum(token_dims)
+    dquery = (ds_scaled[..., None] * _heads(xs, num_heads)).sum(token_dims)
     return dx.flatten(-2).to(x.dtype), dquery.to(query.dtype).reshape(query.shape)
 
 

@@ -11,10 +11,12 @@ if not torch.cuda.is_available():
 
 
 def _round_bf16_like_compiled_triton() -> None:
-    """Triton's interpreter converts float32 -> bfloat16 by dropping the low 16 bits; compiled
-    Triton rounds to nearest even (LLVM fptrunc). Kernels store bfloat16 results that way, so
-    without this the interpreter is up to 1 ulp off what the GPU computes. Patch that one
-    conversion to round to nearest even (NaN stays NaN)."""
+    """Triton's interpreter converts float32 -> bfloat16 by dropping the low 16 bits, and float64 ->
+    bfloat16 as if it were an integer conversion (1.5 -> bits 0x0001); compiled Triton rounds to
+    nearest even (LLVM fptrunc). Kernels store bfloat16 results that way, so without this the
+    interpreter is up to 1 ulp off what the GPU computes (float64: garbage). Patch those two
+    conversions to round to nearest even (NaN stays NaN; float64 goes through float32, a double
+    rounding that differs from the GPU's single one only on exact float32 ties)."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter
@@ -30,11 +32,12 @@ def _round_bf16_like_compiled_triton() -> None:
         return
 
     def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = np.ascontiguousarray(src.data).view(np.uint32).astype(np.uint64)
+        if src.dtype.scalar in (tl.float32, tl.float64) and dst_type.scalar == tl.bfloat16:
+            single = np.ascontiguousarray(src.data, dtype=np.float32)
+            bits = single.view(np.uint32).astype(np.uint64)
             rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
             quiet_nan = ((bits >> 16) | 0x40).astype(np.uint16)
-            data = np.where(np.isnan(src.data), quiet_nan, rounded)
+            data = np.where(np.isnan(single), quiet_nan, rounded)
             return interpreter.TensorHandle(data, dst_type.scalar)
         return original(self, src, dst_type)
 

@@ -26,7 +26,7 @@ fixed order afterwards.
 import triton
 import triton.language as tl
 
-from .softmax import online_softmax_step, softmax_weight
+from .softmax import online_softmax_step, score_grad, softmax_weight
 from .split_plan import program_chunk, row_sequence, sequence_chunks
 
 
@@ -147,7 +147,7 @@ def _store_attention(
     out_ptr, stats_ptr, seq, head, d_block, channels, d_in, H, num_heads, total, row_max, den
 ):
     """out = acc / l (0 for an empty head); stats[seq, head] = (m, l)."""
-    nonempty = den > 0
+    nonempty = den != 0  # l NaN (a NaN or +inf score): NaN
     out = tl.where(nonempty, total / tl.where(nonempty, den, 1), 0)
     tl.store(out_ptr + seq.to(tl.int64) * H + channels, out, mask=d_in)
     stats = stats_ptr + (seq * num_heads + head) * 2
@@ -292,8 +292,9 @@ def attention_bwd_kernel(
             out = tl.load(out_rows[:, None] + offs_d[None, :], mask=tile_in, other=0)
             s = (tl.sum(x * q[None, :], 1) * scale).to(ACC_DTYPE)
             p = softmax_weight(s=s, row_max=row_max, den=den, keep=keep)
-            ds = p * tl.sum(g * (x - out), 1)
-            ds_scaled = (ds * scale).to(ACC_DTYPE)
+            ds_scaled = score_grad(
+                p=p, g_dot_x_minus_out=tl.sum(g * (x - out), 1), scale=scale, den=den, keep=keep
+            )
             dx = p[:, None] * g + ds_scaled[:, None] * q[None, :]
             out_in = (rows < last)[:, None] & d_in[None, :]
             tl.store(dx_rows[:, None] + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_in)
@@ -317,7 +318,7 @@ def attention_bwd_kernel(
                 tl.store(
                     dx_rows[:, None] + d[None, :], (p[:, None] * g).to(dx_ptr.dtype.element_ty), mask=out_in
                 )
-            ds = p * g_dot_x_minus_out
+            ds = score_grad(p=p, g_dot_x_minus_out=g_dot_x_minus_out, scale=1.0, den=den, keep=keep)
             tl.store(
                 dscores_ptr + rows * num_heads + head, ds.to(dscores_ptr.dtype.element_ty), mask=rows < last
             )

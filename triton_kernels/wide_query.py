@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .softmax import online_softmax_step, softmax_weight
+from .softmax import online_softmax_step, score_grad, softmax_weight
 from .split_plan import program_chunk, row_sequence
 
 # Widest head slice one tile holds; query heads wider than this take the kernels below.
@@ -141,7 +141,7 @@ def wide_query_fwd_kernel(
         tl.store(part_m_ptr + pid * num_heads + head, row_max)
         tl.store(part_l_ptr + pid * num_heads + head, den)
     else:
-        nonempty = den > 0
+        nonempty = den != 0  # l NaN (a NaN or +inf score): NaN
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             acc = tl.load(acc_row + d, mask=d < D, other=0)
@@ -230,7 +230,7 @@ def wide_query_bwd_kernel(
             s += tl.sum(x * q[None, :], 1)
             g_dot_x_minus_out += tl.sum(g * (x - out), 1)
         p = softmax_weight(s=(s * scale).to(ACC_DTYPE), row_max=row_max, den=den, keep=keep)
-        ds_scaled = (p * g_dot_x_minus_out * scale).to(ACC_DTYPE)
+        ds_scaled = score_grad(p=p, g_dot_x_minus_out=g_dot_x_minus_out, scale=scale, den=den, keep=keep)
         # Second walk: dx, and this program's dquery partial.
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)

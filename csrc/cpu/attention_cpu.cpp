@@ -5,6 +5,8 @@
 // scores are read (attention_pool) or computed from the row already loaded (query mode). Long
 // sequences are split into chunks (planned from the shapes alone) merged in row order. Output:
 // float32 out and (m, l) per (sequence, head).
+// A NaN or +inf kept score makes l NaN, hence out and every gradient of the head NaN, as
+// torch.softmax does; l == 0 (every kept score -inf) is an empty head: 0, zero gradients.
 // Backward, per row and head: p = exp(s - m) / l; ds = p * g . (x - out); dx = p * g (+ ds * scale * q);
 // dquery is summed from per-block partials in block order. Every row of dx is written once.
 #include <ATen/ATen.h>
@@ -73,7 +75,8 @@ FP_CPU_CLONES void attention_grad_row(T* __restrict dx, const Acc* __restrict g,
 template <typename Acc>
 struct Scores {
   const Acc* scores = nullptr;  // (B, L, nh) / (T, nh) contiguous, attention_pool
-  const Acc* query = nullptr;   // (nh, D) contiguous, query mode
+  const Acc* query = nullptr;   // (nh, D) contiguous, query mode (null when D = 0: no pointer test)
+  bool from_query = false;
   Acc scale = 1;
   int64_t num_heads = 1;
   int64_t head_dim = 0;
@@ -81,7 +84,7 @@ struct Scores {
 
 template <typename T, typename Acc>
 Acc score_of(const Scores<Acc>& sc, const T* x_head, int64_t score_row, int64_t head) {
-  if (sc.query != nullptr) return sc.scale * dot_row(x_head, sc.query + head * sc.head_dim, sc.head_dim);
+  if (sc.from_query) return sc.scale * dot_row(x_head, sc.query + head * sc.head_dim, sc.head_dim);
   return sc.scores[score_row * sc.num_heads + head];
 }
 
@@ -107,7 +110,6 @@ void softmax_rows(const T* x, const Batch& batch, const Scores<Acc>& sc, const R
     const int64_t token = chunk.seq * g.seq_len + row;  // flat row: b * L + l padded, t varlen
     const T* values = contiguous_slice(x_seq + row * g.stride_row, g.stride_h, d, gathered);
     const Acc s = score_of(sc, values, token, head);
-    if (s == -INFINITY) continue;  // weight 0
     if (!(s <= part.m)) {  // a new max (or NaN, which propagates)
       const Acc alpha = exp_diff(part.m, s);
       part.l *= alpha;
@@ -116,7 +118,9 @@ void softmax_rows(const T* x, const Batch& batch, const Scores<Acc>& sc, const R
       scale_row(block.data(), alpha, d);
       part.m = s;
     }
-    const Acc p = std::exp(s - part.m);
+    // 0 for s = -inf, yet added: a NaN x of the row still reaches out, as in sum(p * x); a NaN or
+    // +inf score makes p and l NaN (exp(NaN), exp(inf - inf)), as torch.softmax does.
+    const Acc p = exp_diff(s, part.m);
     block_l += p;
     add_weighted_row(block.data(), values, p, d);
     if (++in_block == kSumBlockRows) {
@@ -143,7 +147,8 @@ void write_softmax(Acc* out, Acc* stats, const SoftmaxPartial<Acc>& part, int64_
                    int64_t num_heads) {
   const int64_t d = static_cast<int64_t>(part.acc.size());
   Acc* out_head = out + seq * hidden + head * d;
-  for (int64_t i = 0; i < d; ++i) out_head[i] = part.l > Acc(0) ? part.acc[i] / part.l : Acc(0);
+  // l == 0: every kept score -inf (an empty head); a NaN l (NaN or +inf score) gives NaN.
+  for (int64_t i = 0; i < d; ++i) out_head[i] = part.l != Acc(0) ? part.acc[i] / part.l : Acc(0);
   stats[(seq * num_heads + head) * 2] = part.m;
   stats[(seq * num_heads + head) * 2 + 1] = part.l;
 }
@@ -181,6 +186,7 @@ Scores<Acc> make_scores(const std::optional<at::Tensor>& scores, const std::opti
   Scores<Acc> sc;
   sc.scores = scores.has_value() ? scores->const_data_ptr<Acc>() : nullptr;
   sc.query = query.has_value() ? query->const_data_ptr<Acc>() : nullptr;
+  sc.from_query = query.has_value();
   sc.scale = static_cast<Acc>(scale);
   sc.num_heads = num_heads;
   sc.head_dim = num_heads > 0 ? hidden / num_heads : 0;
@@ -241,8 +247,13 @@ void attention_backward_kernel(const at::Tensor& grad, const at::Tensor& x, cons
       }
       const T* x_row = x_ptr + seq * g.stride_b + place.position * g.stride_row;
       for (int64_t head = 0; head < heads; ++head) {
-        const T* values = contiguous_slice(x_row + head * d * g.stride_h, g.stride_h, d, gathered);
         const Acc* stat = stats_ptr + (seq * heads + head) * 2;
+        if (stat[1] == Acc(0)) {  // an empty head: zero gradients, whatever x or scale hold
+          std::fill(dx_row + head * d, dx_row + (head + 1) * d, T(0));
+          if (dscores != nullptr) dscores[row * heads + head] = Acc(0);
+          continue;
+        }
+        const T* values = contiguous_slice(x_row + head * d * g.stride_h, g.stride_h, d, gathered);
         const Acc p = softmax_weight(score_of(sc, values, row, head), stat[0], stat[1]);
         const Acc* g_head = g_ptr + seq * hidden + head * d;
         const Acc* out_head = out_ptr + seq * hidden + head * d;

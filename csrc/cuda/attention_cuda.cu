@@ -30,9 +30,10 @@ struct SoftmaxAcc {
     for (int i = 0; i < VEC; ++i) acc[i] = Acc(0);
   }
 
-  // Adds one row with score s and values v (skipped when its weight is 0, i.e. s = -inf).
+  // Adds one row with score s and values v (v = 0 for rows not kept). p = 0 for s = -inf, yet added:
+  // a NaN x of the row still reaches out, as in sum(p * x); a NaN or +inf score makes p and l NaN
+  // (exp(NaN), exp(inf - inf)), as torch.softmax does.
   __device__ __forceinline__ void add(Acc s, const Acc (&v)[VEC]) {
-    if (s == -INFINITY) return;
     if (!(s <= m)) {  // a new max (or NaN, which propagates)
       const Acc alpha = exp_diff(m, s);
       l *= alpha;
@@ -40,7 +41,7 @@ struct SoftmaxAcc {
       for (int i = 0; i < VEC; ++i) acc[i] *= alpha;
       m = s;
     }
-    const Acc p = exp(s - m);
+    const Acc p = exp_diff(s, m);
     l += p;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] += p * v[i];
@@ -62,7 +63,7 @@ __device__ __forceinline__ void write_attention(const AttentionForward& a, int64
   if (active) {
     Acc out[VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out[i] = st.l > Acc(0) ? st.acc[i] / st.l : Acc(0);
+    for (int i = 0; i < VEC; ++i) out[i] = st.l != Acc(0) ? st.acc[i] / st.l : Acc(0);  // l == 0: empty
     store_elements<Acc, VEC>(static_cast<Acc*>(a.out), seq * a.geometry.hidden + c, out);  // VEC | H: aligned
   }
   if (writes_stats) {
@@ -100,13 +101,11 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>) attenti
     for (int k = 0; k < kRowsInFlight; ++k) {  // issue every load first
       const int32_t i = i0 + k;
       s[k] = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[k][j] = Acc(0);  // rows not kept add 0 * 0
       if (i < count && a.mask.weight<Acc>(range.seq, range.first + i) != Acc(0)) {
         s[k] = scores[static_cast<int64_t>(i) * a.num_heads];
         if (active) load_channels<T, VEC>(x + i * g.stride_row, 0, g.stride_h, v[k]);
-      }
-      if (!active) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) v[k][j] = Acc(0);
       }
     }
 #pragma unroll
@@ -203,7 +202,7 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>)
   const int64_t seq = place.seq;
   const bool kept = place.inside && a.mask.weight<Acc>(seq, place.position) != Acc(0);
   const Acc* stats = static_cast<const Acc*>(a.stats) + (seq * a.num_heads + head) * 2;
-  if (!kept || !(stats[1] > Acc(0))) {  // padding or an empty head: zero gradients
+  if (!kept || stats[1] == Acc(0)) {  // padding or an empty head: zero gradients (l NaN: NaN ones)
     const Acc zeros[VEC] = {};
     for (int64_t d = threadIdx.x * VEC; d < D; d += kWarp * VEC) store_channels<T, VEC>(dx, dx_row + d, zeros);
     if (threadIdx.x == 0) *ds_out = Acc(0);
@@ -289,7 +288,9 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>) query_g
     for (int i = 0; i < VEC; ++i) total[i] += shared[y][threadIdx.x * VEC + i];
   }
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) total[i] *= static_cast<Acc>(a.scale);
+  for (int i = 0; i < VEC; ++i) {
+    if (total[i] != Acc(0)) total[i] *= static_cast<Acc>(a.scale);  // no row had a say: 0, even for scale nan / inf
+  }
   store_elements<Acc, VEC>(static_cast<Acc*>(a.partials), static_cast<int64_t>(blockIdx.x) * g.hidden + c, total);
 }
 

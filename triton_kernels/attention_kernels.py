@@ -300,6 +300,8 @@ def attention_bwd_kernel(
             tl.store(dx_rows[:, None] + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=out_in)
             dquery += tl.sum(ds_scaled[:, None] * x, 0)
         else:
+            # An empty head's tokens (l == 0) get zero gradients: not even a NaN x of theirs is read.
+            keep = keep & (den != 0)
             s = tl.load(
                 scores_ptr + seq64 * stride_sb + position * stride_sr + head.to(tl.int64) * stride_sh,
                 mask=keep,
@@ -318,7 +320,7 @@ def attention_bwd_kernel(
                 tl.store(
                     dx_rows[:, None] + d[None, :], (p[:, None] * g).to(dx_ptr.dtype.element_ty), mask=out_in
                 )
-            ds = score_grad(p=p, g_dot_x_minus_out=g_dot_x_minus_out, scale=1.0, den=den, keep=keep)
+            ds = p * g_dot_x_minus_out
             tl.store(
                 dscores_ptr + rows * num_heads + head, ds.to(dscores_ptr.dtype.element_ty), mask=rows < last
             )

@@ -2,6 +2,7 @@ import os
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 # Without a GPU, run the Triton kernels on CPU tensors through Triton's interpreter. This must be
@@ -46,3 +47,14 @@ def _round_bf16_like_compiled_triton() -> None:
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _round_bf16_like_compiled_triton()
+
+
+@pytest.fixture
+def narrow_tiles(monkeypatch):
+    """Shrinks the widest single-tile query head so that small heads take the wide-head kernels
+    (at sizes the interpreter runs quickly)."""
+    from fused_pool.triton_kernels import wide_query
+
+    monkeypatch.setattr(wide_query, "QUERY_MAX_BLOCK_D", 16)
+    monkeypatch.setattr(wide_query, "WIDE_BLOCK_D", 16)
+    monkeypatch.setattr(wide_query, "WIDE_BLOCK_R", 16)

@@ -1,3 +1,36 @@
+"""Where the tests are, by op kind (fused_pool/specs.py) and by concern.
+
+Behaviour of one op kind (every backend against fused_pool.reference, the reference's own
+hand-computed semantics, the "torch" backend, the extension's ops called directly):
+    pool (masked_mean, masked_max, masked_mean_max)    test_pool.py
+    attention (attention_pool)                          test_attention.py, with the tests that run
+                                                        both attention ops on the same inputs
+    query_attention (query_attention_pool)              test_query_attention.py (wide query heads too)
+    both attention kinds: non-finite scores, tokens,    test_attention_nonfinite.py
+        scales; zero-width heads
+    first_token / last_token                            test_tokens.py
+Across the ops:
+    argument checks (ValueError / TypeError naming      test_arguments.py (fused_pool.nn
+        the argument; the extension's op checks)        constructors: test_nn.py)
+    launch limits (grids, offsets past int32, chunk     test_launch_limits.py
+        offsets, wide-head selection, SASS, scale dtype)
+    strided / expanded cu_seqlens views, every op       test_cu_seqlens_views.py
+    torch.compile, opcheck                              test_compile.py
+    differential (Hypothesis, every op and backend)     test_differential.py
+    double backward raises                              test_double_backward.py
+    partial states (pool and softmax)                   test_partial_states.py
+    fused_pool.distributed (gloo subprocess workers)    distributed/
+    backend selection                                   test_backends.py
+    padding-free helpers (unpad / pad)                  test_padding.py
+    fused_pool.nn modules                               test_nn.py
+    sentence-transformers, transformers integrations    test_sentence_transformers.py,
+                                                        test_transformers.py
+    import graph, installed package, gpu_run reports    test_import_graph.py, test_installed_package.py,
+                                                        test_gpu_run.py
+Shared helpers: helpers.py (inputs, tolerances, the attention check, extension marks),
+transformers_models.py, sentence_transformers_suite.py; fixtures here.
+"""
+
 import os
 import warnings
 

@@ -1,7 +1,41 @@
+"""Where the tests are, by op kind (fused_pool/specs.py) and by concern.
+
+Behaviour of one op kind (every backend against fused_pool.reference, the reference's own
+hand-computed semantics, the "torch" backend, the extension's ops called directly):
+    pool (masked_mean, masked_max, masked_mean_max)    test_pool.py
+    attention (attention_pool)                          test_attention.py, with the tests that run
+                                                        both attention ops on the same inputs
+    query_attention (query_attention_pool)              test_query_attention.py (wide query heads too)
+    both attention kinds: non-finite scores, tokens,    test_attention_nonfinite.py
+        scales; zero-width heads
+    first_token / last_token                            test_tokens.py
+Across the ops:
+    argument checks (ValueError / TypeError naming      test_arguments.py (fused_pool.nn
+        the argument; the extension's op checks)        constructors: test_nn.py)
+    launch limits (grids, offsets past int32, chunk     test_launch_limits.py
+        offsets, wide-head selection, SASS, scale dtype)
+    strided / expanded cu_seqlens views, every op       test_cu_seqlens_views.py
+    torch.compile, opcheck                              test_compile.py
+    differential (Hypothesis, every op and backend)     test_differential.py
+    double backward raises                              test_double_backward.py
+    partial states (pool and softmax)                   test_partial_states.py
+    fused_pool.distributed (gloo subprocess workers)    distributed/
+    backend selection                                   test_backends.py
+    padding-free helpers (unpad / pad)                  test_padding.py
+    fused_pool.nn modules                               test_nn.py
+    sentence-transformers, transformers integrations    test_sentence_transformers.py,
+                                                        test_transformers.py
+    import graph, installed package, gpu_run reports    test_import_graph.py, test_installed_package.py,
+                                                        test_gpu_run.py
+Shared helpers: helpers.py (inputs, tolerances, the attention check, extension marks),
+transformers_models.py, sentence_transformers_suite.py; fixtures here.
+"""
+
 import os
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 # Without a GPU, run the Triton kernels on CPU tensors through Triton's interpreter. This must be
@@ -46,3 +80,14 @@ def _round_bf16_like_compiled_triton() -> None:
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _round_bf16_like_compiled_triton()
+
+
+@pytest.fixture
+def narrow_tiles(monkeypatch):
+    """Shrinks the widest single-tile query head so that small heads take the wide-head kernels
+    (at sizes the interpreter runs quickly)."""
+    from fused_pool.triton_kernels import wide_query
+
+    monkeypatch.setattr(wide_query, "QUERY_MAX_BLOCK_D", 16)
+    monkeypatch.setattr(wide_query, "WIDE_BLOCK_D", 16)
+    monkeypatch.setattr(wide_query, "WIDE_BLOCK_R", 16)

@@ -1,4 +1,5 @@
-"""Shared test helpers: which fused backends run here, tolerances, poisoned allocations, inputs."""
+"""Shared test helpers: which fused backends run here, tolerances, poisoned allocations, inputs, the
+attention check against the reference, the marks of tests that call the extension's ops directly."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import zlib
 import pytest
 import torch
 
-from fused_pool.backends import unavailable_reason
+import fused_pool
+from fused_pool import reference
+from fused_pool.backends import extension, extension_has_cuda, unavailable_reason
 
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 DEVICES = ("cpu", "cuda")
@@ -68,6 +71,10 @@ def make_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+# Every kind of mask make_mask builds.
+MASKS = ["none", "bool", "int", "float", "left_padded"]
+
+
 def make_mask(kind: str, batch: int, length: int, gen: torch.Generator) -> torch.Tensor | None:
     """Masks with an empty sequence and a single-token sequence whenever B allows."""
     if kind == "none":
@@ -111,6 +118,13 @@ def outputs_and_grads(fn, inputs, grad, poisoned=False):
     return out, grads
 
 
+def grad_of(fn, x, *args, grad=None, **kwargs):
+    x = x.clone().requires_grad_()
+    out = fn(x, *args, **kwargs)
+    (dx,) = torch.autograd.grad(out, x, torch.ones_like(out) if grad is None else grad)
+    return out.detach(), dx
+
+
 def random_like_output(shape, dtype, device, seed=0):
     return torch.randn(shape, generator=make_generator(seed)).to(device, dtype)
 
@@ -137,3 +151,51 @@ def assert_within_reference_error(actual, reference_out, exact_out, dtype):
     assert error <= 2 * allowed + floor, (
         f"error {error:.3g} > 2 x reference error {allowed:.3g} + {floor:.3g}"
     )
+
+
+# --- attention pooling: inputs and the check against the reference ---------------------------------
+
+
+# (B, L, H): L = 1, L not a multiple of any block, H not a power of two, a split sequence.
+ATTENTION_PADDED_SHAPES = [(1, 1, 4), (3, 37, 40), (3, 70, 1000), (3, 300, 64)]
+HEADS = [1, 4]
+
+
+def make_scores(token_shape, num_heads, dtype, device, gen, scale=2.0):
+    """Scores of one head as (B, L) / (T,), several as (..., nh)."""
+    shape = token_shape if num_heads == 1 else (*token_shape, num_heads)
+    return (torch.randn(shape, generator=gen) * scale).to(device, dtype)
+
+
+def make_query(hidden, num_heads, dtype, device, gen):
+    shape = (hidden,) if num_heads == 1 else (num_heads, hidden // num_heads)
+    return torch.randn(shape, generator=gen).to(device, dtype)
+
+
+def check_attention(op, backend, x, other, mask=None, seed=0, **kwargs):
+    """Output and the gradients of x and of scores / query against the reference. Gradients are
+    dot products over the head (ds = p (g.x - g.out)): they must be within twice the reference's
+    own error against float64."""
+    ref = lambda a, b: getattr(reference, op)(a, b, mask, **kwargs)
+    fused = lambda a, b: getattr(fused_pool, op)(a, b, mask, backend=backend, **kwargs)
+    grad = random_like_output(ref(x, other).shape, x.dtype, x.device, seed)
+    ref_out, ref_grads = outputs_and_grads(ref, [x, other], grad)
+    _, exact_grads = outputs_and_grads(ref, [x.double(), other.double()], grad.double())
+    out, grads = outputs_and_grads(fused, [x, other], grad, poisoned=True)
+    assert out.dtype == x.dtype and out.is_contiguous() and out.shape == ref_out.shape
+    assert_close(out, ref_out)
+    for actual, expected, exact, source in zip(grads, ref_grads, exact_grads, (x, other), strict=True):
+        assert actual.shape == source.shape and actual.dtype == source.dtype
+        dtype = max(x.dtype, source.dtype, key=lambda d: torch.finfo(d).eps)
+        assert_within_reference_error(actual, expected, exact, dtype)
+    return out, grads
+
+
+# --- the C++/CUDA extension's ops called directly (torch.ops.fused_pool.ext_*) ----------------------
+
+HAS_CUDA_EXTENSION = torch.cuda.is_available() and extension() is not None and extension_has_cuda()
+needs_extension = pytest.mark.skipif(extension() is None, reason="fused_pool._C is not built")
+needs_cuda_extension = pytest.mark.skipif(
+    not HAS_CUDA_EXTENSION, reason="needs a CUDA GPU and the extension's CUDA kernels"
+)
+EXTENSION_DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA_EXTENSION else [])

@@ -13,9 +13,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FUSED, assert_close, cu_seqlens_of, make_generator, poison_padding, stable_seed
-from test_attention import check_attention, make_query, make_scores
-from test_kernel_limits import narrow_tiles  # noqa: F401 (a fixture)
+from helpers import (
+    FUSED,
+    assert_close,
+    check_attention,
+    cu_seqlens_of,
+    make_generator,
+    make_query,
+    make_scores,
+    poison_padding,
+    stable_seed,
+)
 
 import fused_pool
 from fused_pool import reference
@@ -154,7 +162,7 @@ def test_split_sequences_propagate(bad, where, backend, device):
 
 @pytest.mark.parametrize("backend, device", TRITON)
 @pytest.mark.parametrize("row", [10, 280])
-def test_wide_query_heads_propagate(narrow_tiles, row, backend, device):  # noqa: F811
+def test_wide_query_heads_propagate(narrow_tiles, row, backend, device):
     """The Triton kernels for heads wider than one tile (forced at small sizes), on sequences split
     into 128-row chunks: a NaN token, a nan scale."""
     gen = make_generator(stable_seed("wide", row))

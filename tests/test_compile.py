@@ -1,4 +1,5 @@
-"""The fused ops under torch.compile: no graph break, no recompile as shapes change, opcheck."""
+"""The fused ops under torch.compile: no graph break, no recompile as shapes change, opcheck; the same
+for the "torch" backend and the token ops."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fused_pool.ops import kernels
 
 OPS = ["masked_mean", "masked_max", "masked_mean_max"]
 ATTENTION_OPS = ["attention_pool", "query_attention_pool"]
+TOKEN_OPS = ["first_token", "last_token"]
 
 
 @pytest.mark.parametrize("backend, device", FUSED)
@@ -191,3 +193,61 @@ def test_sentence_transformers_pooling_compiles(backend, device):
             mask = (torch.rand(batch, length, device=device) > 0.3).long()
             out = compiled({"token_embeddings": x, "attention_mask": mask})["sentence_embedding"]
             assert_close(out, module({"token_embeddings": x, "attention_mask": mask})["sentence_embedding"])
+
+
+# --- the "torch" backend (plain PyTorch kernels behind the same op layer) ---------------------------
+
+
+@pytest.mark.parametrize("mode", [MEAN, MAX, MEAN_MAX])
+def test_torch_backend_opcheck(mode):
+    op = kernels("torch", "pool").forward_op
+    x = torch.randn(3, 10, 8, requires_grad=True)
+    mask = torch.rand(3, 10) > 0.3
+    for args in [(x, mask, None, None, mode), (x[0], None, cu_seqlens_of([4, 0, 6]), None, mode)]:
+        torch.library.opcheck(op, args)
+    query = torch.randn(2, 4, requires_grad=True)
+    torch.library.opcheck(kernels("torch", "query_attention").forward_op, (x, query, mask, None, None, 0.5))
+
+
+@pytest.mark.parametrize("op", ["masked_mean_max", "attention_pool"])
+def test_torch_backend_fullgraph_dynamic(op):
+    fn = getattr(fused_pool, op)
+    torch._dynamo.reset()
+    if op == "attention_pool":
+        call = lambda x, m: fn(x, x[..., :2].detach().sum(-1), m, backend="torch")
+    else:
+        call = lambda x, m: fn(x, m, backend="torch")
+    compiled = torch.compile(call, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, length in [(3, 9), (4, 17), (6, 5)]:
+            x = torch.randn(batch, length, 12, requires_grad=True)
+            mask = torch.rand(batch, length) > 0.3
+            out = compiled(x, mask)
+            torch.testing.assert_close(out, call(x, mask))
+            (dx,) = torch.autograd.grad(out.sum(), x)
+            (expected,) = torch.autograd.grad(call(x, mask).sum(), x)
+            torch.testing.assert_close(dx, expected)
+
+
+# --- first_token / last_token -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", TOKEN_OPS)
+def test_tokens_fullgraph_dynamic_without_recompiling(op):
+    fn = getattr(fused_pool, op)
+    torch._dynamo.reset()
+    padded = torch.compile(lambda x, m: fn(x, m), fullgraph=True, dynamic=True)
+    varlen = torch.compile(lambda x, cu: fn(x, cu_seqlens=cu), fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, length in [(3, 7), (5, 13), (6, 17)]:
+            x = torch.randn(batch, length, 16, requires_grad=True)
+            mask = torch.rand(batch, length) > 0.3
+            out = padded(x, mask)
+            assert torch.equal(out, fn(x, mask))
+            (dx,) = torch.autograd.grad(out.sum(), x)
+            (expected,) = torch.autograd.grad(fn(x, mask).sum(), x)
+            assert torch.equal(dx, expected)
+            lengths = list(range(2, 2 + batch))
+            tokens = torch.randn(sum(lengths), 16)
+            cu_seqlens = cu_seqlens_of(lengths)
+            assert torch.equal(varlen(tokens, cu_seqlens), fn(tokens, cu_seqlens=cu_seqlens))

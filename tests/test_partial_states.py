@@ -1,5 +1,5 @@
 """The pool forward's partial-state mode (mode | STATES) on every backend: what
-fused_pool.distributed exchanges between ranks (their combine: test_distributed.py).
+fused_pool.distributed exchanges between ranks (their combine: distributed/test_distributed.py).
 
 With STATES a pool forward writes, in the accumulation dtype, the sum of w x (not divided by the
 sum of weights) and the maximum with its first index, so that pieces of a sequence combine exactly:

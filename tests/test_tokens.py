@@ -1,6 +1,6 @@
 """fused_pool.first_token / last_token against the reference: left and right padding, varlen,
 empty sequences, int32 / int64 cu_seqlens, non-contiguous inputs, gradients to the chosen token
-only, torch.compile."""
+only (argument checks: test_arguments.py; torch.compile: test_compile.py)."""
 
 from __future__ import annotations
 
@@ -61,29 +61,3 @@ def test_non_contiguous_and_degenerate(op):
     check(op, torch.randn(0, 4), cu_seqlens=cu_seqlens_of([0, 0]))
     tokens = torch.randn(12, 8, generator=gen)[:, ::2]  # column stride 2
     check(op, tokens, cu_seqlens=cu_seqlens_of([5, 7]))
-
-
-def test_mask_with_varlen_is_rejected():
-    with pytest.raises(ValueError, match="mask must be None"):
-        fused_pool.first_token(torch.randn(4, 3), torch.ones(4), cu_seqlens=cu_seqlens_of([4]))
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_compile_fullgraph_dynamic_without_recompiling(op):
-    fn = getattr(fused_pool, op)
-    torch._dynamo.reset()
-    padded = torch.compile(lambda x, m: fn(x, m), fullgraph=True, dynamic=True)
-    varlen = torch.compile(lambda x, cu: fn(x, cu_seqlens=cu), fullgraph=True, dynamic=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for batch, length in [(3, 7), (5, 13), (6, 17)]:
-            x = torch.randn(batch, length, 16, requires_grad=True)
-            mask = torch.rand(batch, length) > 0.3
-            out = padded(x, mask)
-            assert torch.equal(out, fn(x, mask))
-            (dx,) = torch.autograd.grad(out.sum(), x)
-            (expected,) = torch.autograd.grad(fn(x, mask).sum(), x)
-            assert torch.equal(dx, expected)
-            lengths = list(range(2, 2 + batch))
-            tokens = torch.randn(sum(lengths), 16)
-            cu_seqlens = cu_seqlens_of(lengths)
-            assert torch.equal(varlen(tokens, cu_seqlens), fn(tokens, cu_seqlens=cu_seqlens))

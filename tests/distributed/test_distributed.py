@@ -1,6 +1,6 @@
 """fused_pool.distributed: groups of 2, 3 and 4 gloo processes on CPU run every op against the
-single-device reference (tests/distributed_cases.py); one-rank gloo and NCCL groups
-(tests/distributed_one_rank.py); in this process, the partial states and their combine, and
+single-device reference (tests/distributed/distributed_cases.py); one-rank gloo and NCCL groups
+(tests/distributed/distributed_one_rank.py); in this process, the partial states and their combine, and
 `shard`."""
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from fused_pool.contract import MAX, MEAN, MEAN_MAX, STATES
 from fused_pool.ops import kernels
 
 WORKER = Path(__file__).with_name("distributed_cases.py")
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the workers import helpers from there
 GROUP_TIMEOUT_S = 300  # the whole group; each collective also times out after 60 s
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_gloo_group_matches_single_device(world_size, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
     if not torch.cuda.is_available():
         env.setdefault("TRITON_INTERPRET", "1")
     init_file = tmp_path / "init"

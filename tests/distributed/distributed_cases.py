@@ -1,7 +1,8 @@
-"""Worker of tests/test_distributed.py: one rank of a gloo group that runs every case of its world
-size against the single-device reference, then writes its failures as JSON.
+"""Worker of tests/distributed/test_distributed.py: one rank of a gloo group that runs every case of
+its world size against the single-device reference, then writes its failures as JSON.
 
-    python tests/distributed_cases.py --rank R --world-size W --init-file PATH --out PATH
+    PYTHONPATH=tests python tests/distributed/distributed_cases.py --rank R --world-size W \
+        --init-file PATH --out PATH
 
 Every rank builds the same global inputs from the case's seed, takes its own shard, runs the
 distributed op twice (forward and backward) and checks: the output against the reference on the

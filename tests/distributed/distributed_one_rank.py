@@ -1,4 +1,4 @@
-"""Worker of tests/test_distributed.py: a one-rank group ("gloo" on CPU tensors, "nccl" on CUDA
+"""Worker of tests/distributed/test_distributed.py: a one-rank group ("gloo" on CPU tensors, "nccl" on CUDA
 ones) runs every distributed op through that collective backend, for every fused backend the
 device has, against the single-device op. One rank is what a one-GPU machine can run with NCCL."""
 

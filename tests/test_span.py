@@ -202,17 +202,25 @@ def test_reference_by_hand():
     assert torch.equal(padded, torch.tensor([[4.0]], dtype=torch.float64))
 
 
-def test_three_dimensional_x_numbers_tokens_in_flattened_order():
+@pytest.mark.parametrize("backend, device", SPAN_BACKENDS)
+def test_three_dimensional_x_numbers_tokens_in_flattened_order(backend, device):
     gen = make_generator(1)
-    x = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64)
-    mask = torch.rand(3, 5, generator=gen) > 0.3
-    spans = torch.tensor([[3, 9], [0, 15], [6, 6]])
-    for backend in ("torch",):
-        out = fused_pool.span_pool(x, spans, mask, mode="mean_max", backend=backend)
-        flat = fused_pool.span_pool(
-            x.reshape(15, 8), spans, mask.reshape(15), mode="mean_max", backend=backend
-        )
-        assert torch.equal(out, flat)
+    x = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64).to(device)
+    mask = (torch.rand(3, 5, generator=gen) > 0.3).to(device)
+    spans = torch.tensor([[3, 9], [0, 15], [6, 6]], device=device)
+    out = fused_pool.span_pool(x, spans, mask, mode="mean_max", backend=backend)
+    flat = fused_pool.span_pool(x.reshape(15, 8), spans, mask.reshape(15), mode="mean_max", backend=backend)
+    assert torch.equal(out, flat)
+
+
+@pytest.mark.parametrize("backend, device", SPAN_BACKENDS)
+def test_double_backward_raises(backend, device):
+    x = torch.randn(8, 4, device=device, requires_grad=True)
+    spans = torch.tensor([[0, 5], [2, 8]], device=device)
+    out = fused_pool.span_pool(x, spans, mode="mean_max", backend=backend)
+    (dx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dx.sum().backward()
 
 
 # --- a stale extension ------------------------------------------------------------------------------

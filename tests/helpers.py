@@ -214,7 +214,9 @@ def _span_kernels_missing(backend: str) -> bool:
 
 # FUSED for span_pool, plus the torch backend. TEMPORARY: a backend whose span kernels are missing is
 # an expected failure (not a skip), so the merged tree runs them for real; drop the mark once merged.
-SPAN_BACKENDS = [pytest.param("torch", "cpu", id="torch-cpu")] + [
+SPAN_BACKENDS = [
+    pytest.param("torch", d, id=f"torch-{d}") for d in DEVICES if d == "cpu" or torch.cuda.is_available()
+] + [
     pytest.param(
         *param.values,
         id=param.id,

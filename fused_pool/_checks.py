@@ -238,4 +238,6 @@ def check_span_inputs(
             )
         _require_same_device("mask", mask, x)
         mask = mask.reshape(-1)
-    return x.reshape(-1, x.shape[-1]), mask
+    if x.dim() == 3:
+        x = x.reshape(x.shape[0] * x.shape[1], x.shape[2])  # a view when the strides allow
+    return x, mask

@@ -256,7 +256,7 @@ def span_pool(x: Tensor, spans: Tensor, mask: Tensor | None = None, *, mode: str
     Reads the spans back to the host: reference only.
     """
     hidden = x.shape[-1]
-    tokens = x.reshape(-1, hidden)
+    tokens = x if x.dim() == 2 else x.flatten(0, 1)
     num_tokens = tokens.shape[0]
     weights = None if mask is None else mask.reshape(-1)
     pooled = []

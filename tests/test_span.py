@@ -147,8 +147,9 @@ def test_malformed_spans_are_clamped(mode, spans_dtype, backend, device):
         (0, 5, [[0, 0], [0, 3], [-1, 2]]),  # T = 0: every span empty
         (9, 1, [[0, 4], [2, 9], [4, 4]]),  # H = 1
         (11, 130, [[0, 11], [3, 5], [3, 5]]),  # H not a power of two, wider than a tile
+        (6, 0, [[0, 3], [2, 6]]),  # H = 0
     ],
-    ids=["S=0", "T=0", "H=1", "H=130"],
+    ids=["S=0", "T=0", "H=1", "H=130", "H=0"],
 )
 def test_edge_sizes(mode, num_tokens, hidden, spans, backend, device):
     gen = make_generator(stable_seed("edge", num_tokens, hidden))
@@ -157,6 +158,8 @@ def test_edge_sizes(mode, num_tokens, hidden, spans, backend, device):
     mask = torch.rand(num_tokens, generator=gen) > 0.2
     for m in (None, mask):
         check_span(backend, device, x, span_tensor, m, mode)
+    padded = x.reshape(1, num_tokens, hidden)  # (B, L, H) with B = 1, flattened by span_pool
+    check_span(backend, device, padded, span_tensor, mask.reshape(1, num_tokens), mode)
 
 
 @pytest.mark.parametrize("backend, device", SPAN_BACKENDS)

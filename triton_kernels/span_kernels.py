@@ -199,7 +199,7 @@ def span_bwd_kernel(
     h_in = offs_h < H
     in_x = rows < num_rows
     # Mean weights of the tile's tokens (the mask only; x is never read in the backward).
-    if HAS_MASK and MEAN:
+    if HAS_MASK:
         m = tl.load(mask_ptr + rows * stride_mr, mask=in_x, other=0)
         keep = in_x & (m != 0)
         w = tl.where(keep, m.to(ACC_DTYPE), 0) if WEIGHTED else keep.to(ACC_DTYPE)

@@ -1,10 +1,13 @@
-"""The Triton span kernels (triton_kernels/span.py) called directly, against a plain float64 span
-reference written here (the op's contract: /work/wt/SPAN_SPEC.md). To be folded into test_span.py."""
+"""The Triton span kernels (triton_kernels/span.py): called directly against a plain float64 span
+reference written here (den and argmax too), and through span_pool against fused_pool.reference.
+To be folded into test_span.py."""
 
 import pytest
 import torch
 from helpers import assert_close, make_generator, stable_seed
 
+import fused_pool
+from fused_pool import reference as fused_reference
 from fused_pool.contract import MAX, MEAN, MEAN_MAX
 from fused_pool.triton_kernels import span as triton_span
 from fused_pool.triton_kernels.span import span_bwd, span_fwd
@@ -168,3 +171,29 @@ def test_empty_inputs(mode):
     assert out.shape == (0, width)
     dx = span_bwd(torch.randn(0, width), torch.zeros(0, 2), None, den, argmax, (5, 4), torch.float32, 1)
     assert dx.shape == (5, 4) and not dx.any()
+    # H = 0: the saved state is still defined (den 0, argmax -1), as for the pool op.
+    _, den, argmax = span_fwd(torch.randn(5, 0), torch.tensor([[0, 3]]), None, MEAN_MAX)
+    assert den.tolist() == [0.0] and argmax.shape == (1, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_span_pool_triton_matches_reference(mode, mask_kind):
+    """(B, L, H) input through the public function, values and gradients against fused_pool.reference."""
+    gen = make_generator(stable_seed("span_pool", mode, mask_kind))
+    x = torch.randn(3, 11, 6, generator=gen)
+    spans = make_spans(33, 8, gen, dtype=torch.int32)
+    mask = make_mask(mask_kind, 33, gen)
+    mask = None if mask is None else mask.view(3, 11)
+    results = []
+    for pool in (
+        lambda x: fused_pool.span_pool(x, spans, mask, mode=mode, backend="triton"),
+        lambda x: fused_reference.span_pool(x, spans, mask, mode=mode),
+    ):
+        leaf = x.clone().requires_grad_(True)
+        out = pool(leaf)
+        grad = torch.randn(out.shape, generator=make_generator(11))
+        results.append((out.detach(), torch.autograd.grad(out, leaf, grad)[0]))
+    (out, dx), (ref_out, ref_dx) = results
+    assert_close(out, ref_out, dtype=x.dtype)
+    assert_close(dx, ref_dx, dtype=x.dtype)

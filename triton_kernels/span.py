@@ -73,9 +73,7 @@ def span_fwd(
     out = torch.empty(num_spans, width, dtype=x.dtype, device=x.device)
     den = torch.empty(num_spans if want_mean else 0, dtype=acc, device=x.device)
     argmax = torch.empty((num_spans, hidden) if want_max else (0,), dtype=torch.int32, device=x.device)
-    if num_spans == 0 or hidden == 0:
-        return out, den, argmax
-    if num_rows == 0:  # every span clamps to [0, 0): empty
+    if num_spans == 0 or hidden == 0 or num_rows == 0:  # T = 0: every span clamps to [0, 0)
         return out.zero_(), den.zero_(), argmax.fill_(-1)
 
     mask_view, (_, stride_mr) = kernel_mask(mask)

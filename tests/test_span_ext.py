@@ -2,11 +2,18 @@
 float64 per-span reference written here: overlapping, nested, repeated, empty and malformed spans, masks
 of every kind, strided inputs, NaN outside every span, long spans that the CPU forward splits."""
 
+import glob
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+from helpers import EXTENSION_DEVICES, needs_extension
 
 from fused_pool.contract import MAX, MEAN, MEAN_MAX
-from tests.helpers import EXTENSION_DEVICES, needs_extension
 
 ops = torch.ops.fused_pool
 MODES = {"mean": MEAN, "max": MAX, "mean_max": MEAN_MAX}
@@ -209,3 +216,38 @@ def test_argument_checks_name_the_argument(call, message):
     spans = torch.tensor([[0, 3], [2, 8]])
     with pytest.raises(RuntimeError, match=message):
         call(x, spans)
+
+
+def test_span_kernels_use_128_bit_accesses_cpu(tmp_path):
+    """span_cuda.cu compiled for sm_90: the vectorized (VEC > 1) kernels read x / grad / argmax with
+    LDG.E.128, the backward writes dx with nothing but STG.E.128 and the forward writes out with it."""
+    import triton  # bundles a cuobjdump under backends/nvidia/bin
+
+    nvcc = shutil.which("nvcc")
+    bundled = glob.glob(
+        os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    )
+    cuobjdump = bundled[0] if bundled else shutil.which("cuobjdump")
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("needs nvcc and cuobjdump")
+    cubin = tmp_path / "span_cuda.cubin"
+    source = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "span_cuda.cu"
+    subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-o", cubin, source], check=True)
+    dump = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
+    if dump.returncode != 0:  # e.g. a cuobjdump older than nvcc
+        pytest.skip(f"cuobjdump cannot read nvcc's output: {dump.stderr.strip()[:200]}")
+    functions = re.split(r"\n\s*Function : ", dump.stdout)[1:]
+    for kind in ("span_backward_kernel", "span_forward_kernel"):
+        # Vectorized instantiations: <half, 8>, <bf16, 8>, <float, 4>, <double, 2>, three modes each.
+        vectorized = [
+            f for f in functions if re.match(rf"\S*{kind}I(6__halfLi8|13__nv_bfloat16Li8|fLi4|dLi2)E", f)
+        ]
+        assert len(vectorized) == 12, f"expected 12 vectorized {kind} instantiations"
+        for function in vectorized:
+            name = function.split()[0]
+            stores = set(re.findall(r"\bSTG\.E(?:\.(\w+))?", function))
+            assert "128" in re.findall(r"\bLDG\.E(?:\.(\w+))?", function), f"{name}: no LDG.E.128"
+            if kind == "span_backward_kernel":
+                assert stores == {"128"}, f"{name}: stores {sorted(stores)}"
+            else:  # out and argmax 16 bytes; den a scalar
+                assert "128" in stores, f"{name}: no STG.E.128"

@@ -1,9 +1,9 @@
 // CPU masked mean / max / mean_max, forward and backward.
 //
-// Forward: a task reduces a range of rows of one sequence over a range of channels, reading each
-// kept row once into float32 accumulators (inner loops over contiguous channels, vectorized for
-// AVX-512 / AVX2 / SSE and picked at load time). Sequences longer than a chunk (fixed by the
-// shapes alone, never by the thread count) are split; their partials are combined in row order.
+// Forward: the row reduction of reduce_rows.h (shared with span_cpu.cpp): a task reduces a range of
+// rows of one sequence over a range of channels, reading each kept row once into float32
+// accumulators. Sequences longer than a chunk (fixed by the shapes alone, never by the thread
+// count) are split; their partials are combined in row order.
 // Backward: every row of dx is written once, in parallel over rows. argmax holds each maximum's
 // index within its sequence (l padded, t - cu_seqlens[b] varlen). In states mode (kStates) the forward
 // writes the float32 / float64 partial states: sum(w x) for the mean, not divided by sum(w).

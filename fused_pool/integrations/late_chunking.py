@@ -59,6 +59,17 @@ def _windows(num_tokens: int, width: int, overlap: int) -> list[tuple[int, int, 
     return windows
 
 
+def _special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The special token ids the tokenizer puts before and after a single text ([CLS] / [SEP] for
+    BERT, <s> / </s> for RoBERTa), read off one encoding with and one without them."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError("the model's tokenizer does not keep a text's tokens when it adds special tokens")
+
+
 def _chunk_token_spans(offsets: Tensor, chunks: Sequence[tuple[int, int]]) -> Tensor:
     """(n_chunks, 2) token spans [first, end): the tokens whose character start lies in each chunk."""
     starts = offsets[:, 0].contiguous()
@@ -102,14 +113,12 @@ def late_chunk(
     # Every window of every document, and where each content token's embedding comes from.
     window_ids: list[list[int]] = []
     sources: list[tuple[int, int]] = []  # (window, position in the window) of each content token
+    prefix, suffix = _special_tokens_around(tokenizer)
     for ids in encoded["input_ids"]:
         for first, end, owned_first, owned_end in _windows(len(ids), width, window_overlap):
-            with_specials = tokenizer.build_inputs_with_special_tokens(ids[first:end])
-            special = tokenizer.get_special_tokens_mask(ids[first:end])
-            content_positions = [p for p, is_special in enumerate(special) if not is_special]
             window = len(window_ids)
-            window_ids.append(with_specials)
-            sources += [(window, content_positions[t - first]) for t in range(owned_first, owned_end)]
+            window_ids.append(prefix + ids[first:end] + suffix)
+            sources += [(window, len(prefix) + t - first) for t in range(owned_first, owned_end)]
 
     device = next(model.parameters()).device
     embeddings, window_row = [], []  # window_row[w]: the first row of window w in cat(embeddings)

@@ -23,24 +23,6 @@ namespace {
 // some instantiations of these kernels; with this budget none spills (-Xptxas -v, sm_80 and sm_90).
 constexpr int kSpanMinBlocksPerSm = 2;
 
-template <typename Acc, int VEC>
-struct SpanState {
-  Acc total[VEC];
-  Acc best[VEC];
-  int32_t best_row[VEC];
-  Acc weight;
-
-  __device__ __forceinline__ void init() {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      total[i] = Acc(0);
-      best[i] = Acc(0);
-      best_row[i] = -1;
-    }
-    weight = Acc(0);
-  }
-};
-
 template <typename T, int VEC, int MODE>
 __global__ void __launch_bounds__(kWarp* kRowGroups, kSpanMinBlocksPerSm) span_forward_kernel(SpanForward a) {
   using Acc = typename AccOf<T>::type;
@@ -54,7 +36,7 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kSpanMinBlocksPerSm) span_f
   const bool active = c0 < g.hidden;
   const T* x = static_cast<const T*>(a.x);
 
-  SpanState<Acc, VEC> st;
+  ReduceState<Acc, VEC> st;
   st.init();
   // Tokens counted in 32 bits within pieces of < 2^30 tokens (one piece but for huge spans).
   constexpr int64_t kPieceRows = int64_t{1} << 30;
@@ -90,12 +72,12 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kSpanMinBlocksPerSm) span_f
   }
 
   // Fold the token groups in order 0..7 (sums) and by (NaN, value, smallest index) (max).
-  __shared__ SpanState<Acc, VEC> shared[kRowGroups][kWarp];
+  __shared__ ReduceState<Acc, VEC> shared[kRowGroups][kWarp];
   shared[threadIdx.y][threadIdx.x] = st;
   __syncthreads();
   if (threadIdx.y != 0) return;
   for (int y = 1; y < kRowGroups; ++y) {
-    const SpanState<Acc, VEC>& other = shared[y][threadIdx.x];
+    const ReduceState<Acc, VEC>& other = shared[y][threadIdx.x];
     st.weight += other.weight;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
@@ -212,19 +194,6 @@ bool launch_span_backward(const SpanBackward& a, cudaStream_t stream) {
     case kMean: span_backward_kernel<T, VEC, kMean><<<grid.grid, block, 0, stream>>>(a); break;
     case kMax: span_backward_kernel<T, VEC, kMax><<<grid.grid, block, 0, stream>>>(a); break;
     case kMean | kMax: span_backward_kernel<T, VEC, kMean | kMax><<<grid.grid, block, 0, stream>>>(a); break;
-  }
-  return true;
-}
-
-// Calls Launch<T, VEC>::run with VEC = 16 bytes' worth of T when vec > 1, else 1.
-template <template <typename, int> class Launch, typename Args>
-bool dispatch(const Args& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case kFloat16: return a.vec > 1 ? Launch<__half, 8>::run(a, stream) : Launch<__half, 1>::run(a, stream);
-    case kBFloat16:
-      return a.vec > 1 ? Launch<__nv_bfloat16, 8>::run(a, stream) : Launch<__nv_bfloat16, 1>::run(a, stream);
-    case kFloat32: return a.vec > 1 ? Launch<float, 4>::run(a, stream) : Launch<float, 1>::run(a, stream);
-    case kFloat64: return a.vec > 1 ? Launch<double, 2>::run(a, stream) : Launch<double, 1>::run(a, stream);
   }
   return true;
 }

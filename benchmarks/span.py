@@ -59,7 +59,8 @@ def providers(x: torch.Tensor, spans: torch.Tensor, partition: bool) -> dict:
     bounds = spans.tolist()
     found = {}
     for backend in fused_pool.available_backends():
-        if unavailable_reason(backend, x.device) is None:
+        interpreted = backend == "triton" and x.device.type == "cpu"  # Triton's interpreter: not timed
+        if unavailable_reason(backend, x.device) is None and not interpreted:
             found[f"fused_pool:{backend}"] = lambda x, b=backend: fused_pool.span_pool(x, spans, backend=b)
     found["loop"] = lambda x: torch.stack([x[a:b].mean(0) for a, b in bounds])
     if partition:

@@ -18,13 +18,12 @@ import triton
 from ..contract import MAX, MEAN, accumulation_dtype
 from .launch import channel_block, kernel_mask, launches_on_input_device, tile_launch, triton_accumulator
 from .pool_kernels import pool_combine_kernel
-from .span_kernels import span_bwd_kernel, span_fwd_kernel
+from .span_kernels import span_bwd_kernel, span_fwd_kernel, span_tile_range_kernel
 from .split_plan import MIN_CHUNK_ROWS, resident_programs
 
-# Spans tested at once against a backward tile (span_bwd_kernel). Every tile tests all S spans, so
-# the backward costs O(T / BLOCK_R * S / SPANS_PER_TEST) span reads (L2 hits) besides its real work:
-# negligible up to S ~ 1e4 at any T; past that, an index of the spans that hit each tile (spans
-# sorted by start with a running max of ends) would make it O(log S) per tile. Not done yet.
+# Spans tested at once against a backward tile (span_bwd_kernel). A tile tests the spans between
+# the first and the last that touch it: ordered spans (words, sentences) test only their own;
+# spans in no order (a long one first and last) can make a tile test up to all S.
 SPANS_PER_TEST = 128
 
 
@@ -165,14 +164,29 @@ def span_bwd(
     mask_view, (_, stride_mr) = kernel_mask(mask)
     block_h = channel_block(hidden)
     block_r = _rows_per_tile(block_h)
-    span_bwd_kernel[(triton.cdiv(num_rows, block_r), triton.cdiv(hidden, block_h))](
+    num_tiles = triton.cdiv(num_rows, block_r)
+    first_hit = torch.full((num_tiles,), num_spans, dtype=torch.int32, device=dx.device)
+    last_hit = torch.full((num_tiles,), -1, dtype=torch.int32, device=dx.device)
+    span_tile_range_kernel[(num_spans,)](
+        spans_ptr=spans,
+        first_hit_ptr=first_hit,
+        last_hit_ptr=last_hit,
+        num_rows=num_rows,
+        stride_s=spans.stride(0),
+        stride_e=spans.stride(1),
+        BLOCK_R=block_r,
+        BLOCK_TILES=512,
+        num_warps=4,
+    )
+    span_bwd_kernel[(num_tiles, triton.cdiv(hidden, block_h))](
         grad_ptr=grad_out,
         mask_ptr=mask_view if mask is not None else grad_out,
         spans_ptr=spans,
+        first_hit_ptr=first_hit,
+        last_hit_ptr=last_hit,
         den_ptr=den if mode & MEAN else grad_out,
         argmax_ptr=argmax if mode & MAX else grad_out,
         dx_ptr=dx,
-        num_spans=num_spans,
         num_rows=num_rows,
         H=hidden,
         grad_stride=grad_out.stride(0),

@@ -7,9 +7,10 @@ spans may overlap). Span s has `splits` chunks of `chunk_rows` rows, program p -
 p % splits); chunks past the span's end are empty. Unsplit (splits = 1), the program writes the
 result; split, it writes partials that pool_kernels' `pool_combine_kernel` folds in chunk order.
 
-Backward (`span_bwd_kernel`): a program owns a (BLOCK_R, BLOCK_H) tile of dx and walks all spans in
+Backward (`span_bwd_kernel`): a program owns a (BLOCK_R, BLOCK_H) tile of dx and walks the spans
+that may touch it (from the first to the last one that does, found by `span_tile_range_kernel`) in
 increasing order, adding each intersecting span's contribution to its tile: the sum is formed in
-the same order everywhere (deterministic, no atomics) and every element of dx is written once.
+the same order everywhere (deterministic, no float atomics) and every element of dx is written once.
 """
 
 import triton
@@ -28,6 +29,32 @@ def clamped_span(spans_ptr, span, stride_s, stride_e, num_rows):
     start = tl.minimum(tl.maximum(start, 0), num_rows)
     end = tl.minimum(tl.maximum(end, start), num_rows)
     return start, end
+
+
+@triton.jit
+def span_tile_range_kernel(
+    spans_ptr,
+    first_hit_ptr,
+    last_hit_ptr,
+    num_rows,
+    stride_s,
+    stride_e,
+    BLOCK_R: tl.constexpr,
+    BLOCK_TILES: tl.constexpr,
+):
+    """For every backward tile of BLOCK_R tokens, the first and last span that intersects it: one
+    program per span marks its tiles, BLOCK_TILES at a time. Integer min / max atomics commute: the
+    result does not depend on the order the programs run in."""
+    span = tl.program_id(0)
+    start, end = clamped_span(
+        spans_ptr=spans_ptr, span=span, stride_s=stride_s, stride_e=stride_e, num_rows=num_rows
+    )
+    # An empty span (start == end) marks no tile: the range below is empty.
+    end_tile = tl.where(start < end, (end + BLOCK_R - 1) // BLOCK_R, 0)
+    for t0 in range(start // BLOCK_R, end_tile, BLOCK_TILES):
+        tiles = t0 + tl.arange(0, BLOCK_TILES)
+        tl.atomic_min(first_hit_ptr + tiles, span, mask=tiles < end_tile)
+        tl.atomic_max(last_hit_ptr + tiles, span, mask=tiles < end_tile)
 
 
 @triton.jit
@@ -173,10 +200,11 @@ def span_bwd_kernel(
     grad_ptr,
     mask_ptr,
     spans_ptr,
+    first_hit_ptr,
+    last_hit_ptr,
     den_ptr,
     argmax_ptr,
     dx_ptr,
-    num_spans,
     num_rows,
     H,
     grad_stride,
@@ -206,19 +234,22 @@ def span_bwd_kernel(
     else:
         w = in_x.to(ACC_DTYPE)
     dx = tl.zeros([BLOCK_R, BLOCK_H], dtype=ACC_DTYPE)
-    for s0 in range(0, num_spans, BLOCK_S):
+    # Only spans [first_hit, last_hit] can touch the tile (span_tile_range_kernel); none: an empty range.
+    first_hit = tl.load(first_hit_ptr + tl.program_id(0))
+    end_hit = tl.load(last_hit_ptr + tl.program_id(0)) + 1
+    for s0 in range(first_hit, end_hit, BLOCK_S):
         # Test BLOCK_S spans at once against the tile and walk them one by one only if one hits it.
         block = s0 + tl.arange(0, BLOCK_S)
         starts, ends = clamped_span(
             spans_ptr=spans_ptr,
-            span=tl.minimum(block, num_spans - 1),
+            span=tl.minimum(block, end_hit - 1),
             stride_s=stride_s,
             stride_e=stride_e,
             num_rows=num_rows,
         )
-        hits = (block < num_spans) & (starts < tile_end) & (ends > tile_start) & (starts < ends)
+        hits = (block < end_hit) & (starts < tile_end) & (ends > tile_start) & (starts < ends)
         if tl.sum(hits.to(tl.int32), 0) > 0:
-            for span in range(s0, tl.minimum(s0 + BLOCK_S, num_spans)):
+            for span in range(s0, tl.minimum(s0 + BLOCK_S, end_hit)):
                 start, end = clamped_span(
                     spans_ptr=spans_ptr, span=span, stride_s=stride_s, stride_e=stride_e, num_rows=num_rows
                 )

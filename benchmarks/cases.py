@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-OPS = ("masked_mean", "masked_max", "masked_mean_max", "attention_pool", "query_attention_pool")
+OPS = ("masked_mean", "masked_max", "masked_mean_max", "attention_pool", "query_attention_pool", "span_pool")
+SPAN_OPS = ("span_pool",)  # varlen cases only: the spans are the packed sequences (a partition of T)
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -72,6 +73,11 @@ class Inputs:
     @property
     def kept_tokens(self) -> int:
         return int(self.lengths.sum())
+
+    @property
+    def spans(self) -> torch.Tensor:
+        """(B, 2) [start, end) of each packed sequence (varlen): span_pool's spans, a partition."""
+        return torch.stack([self.cu_seqlens[:-1], self.cu_seqlens[1:]], 1)
 
     @property
     def batch(self) -> int:

@@ -6,7 +6,10 @@
   count), masked_fill + max, masked softmax + weighted sum; packed (varlen) inputs with the segment
   ops of sentence-transformers' flattened path (index_add, scatter_reduce);
 - torch:compile: torch.compile of that same code;
-- torch:segment_reduce: torch.segment_reduce over packed tokens (varlen mean / max);
+- torch:segment_reduce: torch.segment_reduce over packed tokens (varlen mean / max; span_pool's
+  spans partition the tokens there);
+- span_pool's torch:eager is the per-span loop `torch.stack([x[a:b].mean(0) for a, b in spans])`
+  (spans a host list, made once), and it has no torch:compile peer (the loop unrolls per span);
 - st:pooling: sentence-transformers' Pooling module itself (padded and flattened), when installed
   (its v6 mean no longer expands the mask: cheaper than the model-card snippet).
 
@@ -109,6 +112,11 @@ def eager_query_attention_varlen(x: Tensor, query: Tensor, cu_seqlens: Tensor) -
     return eager_attention_varlen(x, scores, cu_seqlens)
 
 
+def eager_span_loop(x: Tensor, spans: list[tuple[int, int]]) -> Tensor:
+    """The per-span loop people write for late chunking: one mean per span."""
+    return torch.stack([x[start:end].mean(0) for start, end in spans])
+
+
 EAGER = {
     ("masked_mean", "padded"): eager_mean,
     ("masked_max", "padded"): eager_max,
@@ -175,6 +183,8 @@ def providers(device: str) -> list[str]:
 
 
 def supports(provider: str, op: str, layout: str) -> bool:
+    if op == "span_pool":
+        return layout == "varlen" and provider not in ("torch:compile", "st:pooling")
     if provider == "torch:segment_reduce":
         return layout == "varlen" and op in ST_MODES
     if provider == "st:pooling":
@@ -186,6 +196,8 @@ def build(provider: str, op: str, inputs: Inputs, grad: bool) -> Callable[..., T
     """f(x) or f(x, scores_or_query) computing `op` on `inputs` the provider's way."""
     layout = "padded" if inputs.mask is not None else "varlen"
     structure = (inputs.mask,) if layout == "padded" else (inputs.cu_seqlens,)
+    if op == "span_pool":
+        return _build_span(provider, inputs)
     if provider.startswith("fused_pool:"):
         backend = provider.split(":")[1]
         fn = getattr(fused_pool, op)
@@ -211,4 +223,18 @@ def build(provider: str, op: str, inputs: Inputs, grad: bool) -> Callable[..., T
         return lambda x: pooling({"token_embeddings": x.unsqueeze(0), "cu_seq_lens_q": inputs.cu_seqlens})[
             "sentence_embedding"
         ]
+    raise ValueError(provider)
+
+
+def _build_span(provider: str, inputs: Inputs) -> Callable[..., Tensor]:
+    """span_pool (mode "mean") over the packed sequences as spans."""
+    spans = inputs.spans
+    if provider.startswith("fused_pool:"):
+        backend = provider.split(":")[1]
+        return lambda x: fused_pool.span_pool(x, spans, backend=backend)
+    if provider == "torch:eager":
+        host_spans = [tuple(span) for span in spans.tolist()]
+        return lambda x: eager_span_loop(x, host_spans)
+    if provider == "torch:segment_reduce":
+        return lambda x: _segment_reduce("masked_mean", x, inputs.cu_seqlens)
     raise ValueError(provider)

@@ -152,6 +152,55 @@ inline void check_pool_backward(at::DeviceType kernel, const at::Tensor& grad_ou
   }
 }
 
+// span_pool's x (T, H) and spans (S, 2) int32 / int64: x's dims as S varlen "sequences" over T tokens
+// (the mask is then per-token (T,)).
+inline Dims check_span_inputs(const ArgChecks& c, const char* x_name, at::IntArrayRef x_sizes, at::ScalarType x_dtype,
+                              const at::Tensor& spans) {
+  c.floating(x_name, x_dtype);
+  TORCH_CHECK(x_sizes.size() == 2, c.op(), ": ", x_name, " must be (T, H), got shape ", x_sizes);
+  for (const int64_t size : x_sizes) TORCH_CHECK(size >= 0, c.op(), ": ", x_name, " has a negative size: ", x_sizes);
+  c.device("spans", spans);
+  TORCH_CHECK(spans.scalar_type() == at::kInt || spans.scalar_type() == at::kLong, c.op(),
+              ": spans must be int32 or int64, got ", spans.scalar_type());
+  TORCH_CHECK(spans.dim() == 2 && spans.size(1) == 2, c.op(), ": spans must be (S, 2), got shape ", spans.sizes());
+  return {true, spans.size(0), 0, x_sizes[0], x_sizes[1]};
+}
+
+// ext_span_fwd(x, spans, mask, mode).
+inline void check_span_forward(at::DeviceType kernel, const at::Tensor& x, const at::Tensor& spans,
+                               const std::optional<at::Tensor>& mask, int64_t mode) {
+  const ArgChecks c("fused_pool::ext_span_fwd", kernel, "x", x);
+  c.mode(mode, false);
+  const Dims d = check_span_inputs(c, "x", x.sizes(), x.scalar_type(), spans);
+  c.mask(mask, d);
+  // argmax holds a token's index within its span (< T) in int32.
+  TORCH_CHECK(!(mode & kMax) || d.num_rows <= INT32_MAX, c.op(),
+              ": max modes need T <= 2^31 - 1 (int32 argmax), got T = ", d.num_rows);
+}
+
+// ext_span_bwd(grad_out, spans, mask, den, argmax, x_shape, x_dtype, mode).
+inline void check_span_backward(at::DeviceType kernel, const at::Tensor& grad_out, const at::Tensor& spans,
+                                const std::optional<at::Tensor>& mask, const at::Tensor& den, const at::Tensor& argmax,
+                                at::IntArrayRef x_shape, at::ScalarType x_dtype, int64_t mode) {
+  const ArgChecks c("fused_pool::ext_span_bwd", kernel, "grad_out", grad_out);
+  c.mode(mode, false);
+  const Dims d = check_span_inputs(c, "x_shape / x_dtype", x_shape, x_dtype, spans);
+  c.mask(mask, d);
+  c.floating("grad_out", grad_out.scalar_type());
+  c.shape("grad_out", grad_out, {d.num_seqs, d.hidden * (mode == (kMean | kMax) ? 2 : 1)},
+          mode == (kMean | kMax) ? "(S, 2H)" : "(S, H)");
+  if (mode & kMean) {
+    c.device("den", den);
+    c.dtype("den", den, accumulation_type(x_dtype));
+    c.shape("den", den, {d.num_seqs}, "(S,)");
+  }
+  if (mode & kMax) {
+    c.device("argmax", argmax);
+    c.dtype("argmax", argmax, at::kInt);
+    c.shape("argmax", argmax, {d.num_seqs, d.hidden}, "(S, H)");
+  }
+}
+
 // The inputs shared by the attention forwards and backwards: x, the mask, and scores (B, L, nh) /
 // (T, nh) or query (nh, H / nh). Returns x's dims and nh.
 struct AttentionDims {

@@ -67,13 +67,27 @@ struct MaskView {
   }
 };
 
-// [start, end) rows of varlen sequence `seq`: cu_seqlens clamped to [0, num_rows], end >= start, so
-// that malformed values never reach memory out of bounds.
+// [start, end) rows clamped to [0, num_rows], end >= start, so that malformed values never reach
+// memory out of bounds.
+FP_HOST_DEVICE void clamp_rows(int64_t num_rows, int64_t& start, int64_t& end) {
+  start = start < 0 ? 0 : (start > num_rows ? num_rows : start);
+  end = end < start ? start : (end > num_rows ? num_rows : end);
+}
+
+// [start, end) rows of varlen sequence `seq`: cu_seqlens[seq], cu_seqlens[seq + 1] clamped.
 FP_HOST_DEVICE void segment_bounds(IndexView cu_seqlens, int64_t seq, int64_t num_rows, int64_t& start, int64_t& end) {
   start = cu_seqlens[seq];
   end = cu_seqlens[seq + 1];
-  start = start < 0 ? 0 : (start > num_rows ? num_rows : start);
-  end = end < start ? start : (end > num_rows ? num_rows : end);
+  clamp_rows(num_rows, start, end);
+}
+
+// [start', end') tokens of span `span` (spans: (S, 2) contiguous, half-open [start, end) offsets):
+// start' = min(max(start, 0), T), end' = min(max(end, start'), T), so that malformed spans are empty
+// or cut at the edges and never reach memory out of bounds.
+FP_HOST_DEVICE void span_bounds(IndexView spans, int64_t span, int64_t num_rows, int64_t& start, int64_t& end) {
+  start = spans[2 * span];
+  end = spans[2 * span + 1];
+  clamp_rows(num_rows, start, end);
 }
 
 // The sequence of varlen row `row`: the largest seq in [0, num_seqs) with cu_seqlens[seq] <= row

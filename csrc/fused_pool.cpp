@@ -24,6 +24,10 @@ TORCH_LIBRARY_FRAGMENT(fused_pool, m) {
   m.def(
       "ext_query_attention_bwd(Tensor grad_out, Tensor x, Tensor query, Tensor? mask, Tensor? cu_seqlens,"
       " Tensor out, Tensor stats, float scale) -> (Tensor, Tensor)");
+  m.def("ext_span_fwd(Tensor x, Tensor spans, Tensor? mask, int mode) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_span_bwd(Tensor grad_out, Tensor spans, Tensor? mask, Tensor den, Tensor argmax, SymInt[] x_shape,"
+      " ScalarType x_dtype, int mode) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

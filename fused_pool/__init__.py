@@ -11,6 +11,7 @@ from .functional import (
     masked_mean,
     masked_mean_max,
     query_attention_pool,
+    span_pool,
 )
 from .padding import Unpadded, cu_seqlens_from_mask, cu_seqlens_from_position_ids, pad, unpad
 
@@ -31,6 +32,7 @@ __all__ = [
     "pad",
     "query_attention_pool",
     "reference",
+    "span_pool",
     "unpad",
     "validate_cu_seqlens",
 ]

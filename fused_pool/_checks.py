@@ -199,3 +199,45 @@ def check_backend_name(backend: object) -> str | None:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
+
+
+# --- span_pool --------------------------------------------------------------------------------------
+
+SPAN_MODES = ("mean", "max", "mean_max")
+
+
+def check_span_inputs(
+    x: Tensor, spans: Tensor, mask: Tensor | None, mode: object
+) -> tuple[Tensor, Tensor | None]:
+    """Checks span_pool's arguments (never their values: malformed spans are clamped by every
+    kernel); returns x as (T, H) and the mask as (T,) or None, (B, L, ...) flattened in b L + l order."""
+    _require_tensor("x", x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got dtype {x.dtype}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be (T, H) or (B, L, H), got shape {shape_str(x)}")
+    _require_tensor("spans", spans)
+    if spans.dtype not in INDEX_DTYPES:
+        raise TypeError(f"spans must be int32 or int64, got dtype {spans.dtype}")
+    if spans.dim() != 2 or spans.shape[1] != 2:
+        raise ValueError(f"spans must be (S, 2) [start, end) token offsets, got shape {shape_str(spans)}")
+    _require_same_device("spans", spans, x)
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of {SPAN_MODES}, got {type(mode).__name__}")
+    if mode not in SPAN_MODES:
+        raise ValueError(f"mode must be one of {SPAN_MODES}, got {mode!r}")
+    if mask is not None:
+        _require_tensor("mask", mask)
+        if mask.dtype.is_complex:
+            raise TypeError(f"mask must be bool, integer or floating, got dtype {mask.dtype}")
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            expected = "(T,)" if x.dim() == 2 else "(B, L)"
+            raise ValueError(
+                f"mask must be {expected} = {tuple(x.shape[:-1])} to match x {shape_str(x)}, "
+                f"got shape {shape_str(mask)}"
+            )
+        _require_same_device("mask", mask, x)
+        mask = mask.reshape(-1)
+    if x.dim() == 3:
+        x = x.reshape(x.shape[0] * x.shape[1], x.shape[2])  # a view when the strides allow
+    return x, mask

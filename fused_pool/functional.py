@@ -11,13 +11,23 @@ sequence with no kept token pools to 0 with zero gradients.
 Attention pooling takes scores (B, L) / (T,) for one head or (B, L, nh) / (T, nh) for nh heads
 (head k pools channels [k H/nh, (k+1) H/nh)), or a learned query (H,) / (nh, H/nh) whose scores
 (x_head . query_head) * scale are computed inside the kernel.
+
+span_pool pools token spans [start, end) of x (T, H) (or (B, L, H) numbered t = b L + l) into
+(S, H) (mean_max: (S, 2H)): spans may overlap, nest, repeat, be empty or leave gaps.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from ._checks import check_pool_inputs, check_query, check_scale, check_scores, max_seqlen_hint
+from ._checks import (
+    check_pool_inputs,
+    check_query,
+    check_scale,
+    check_scores,
+    check_span_inputs,
+    max_seqlen_hint,
+)
 from .backends import resolve_backend
 from .contract import MAX, MEAN, MEAN_MAX
 from .ops import run
@@ -31,6 +41,7 @@ __all__ = [
     "masked_mean",
     "masked_mean_max",
     "query_attention_pool",
+    "span_pool",
 ]
 
 
@@ -136,3 +147,30 @@ def query_attention_pool(
     backend = resolve_backend(backend, x.device)
     out = run("query_attention", backend, x, query, mask, cu_seqlens, max_seqlen, scale)
     return out.to(x.dtype)
+
+
+_SPAN_MODES = {"mean": MEAN, "max": MAX, "mean_max": MEAN_MAX}
+
+
+def span_pool(
+    x: Tensor,
+    spans: Tensor,
+    mask: Tensor | None = None,
+    *,
+    mode: str = "mean",
+    backend: str | None = None,
+) -> Tensor:
+    """Pools each token span of x -> (S, H), or (S, 2H) = cat(mean, max) for mode="mean_max".
+
+    x: (T, H), or (B, L, H) whose tokens are numbered in flattened order t = b L + l. spans: (S, 2)
+    int32 / int64 half-open [start, end) token offsets; they may overlap, nest, repeat, be empty or
+    leave gaps (tokens outside every span are never read). Malformed spans are clamped, never read
+    or written out of bounds: start' = min(max(start, 0), T), end' = min(max(end, start'), T).
+    mask: None, (T,) or (B, L); bool / integer keep where nonzero, floating weights the mean
+    (sum(w x) / sum(w)) and keeps w != 0 for the max. mode: "mean", "max" or "mean_max".
+    Accumulates in float32 (float64 for float64 x); the output is in x's dtype; a span with no kept
+    token pools to 0 with zero gradients. Gradients flow to x, deterministic where spans overlap
+    (no float atomics); max sends each gradient to the first maximal kept token of the span.
+    """
+    x, mask = check_span_inputs(x, spans, mask, mode)
+    return run("span", resolve_backend(backend, x.device), x, spans, mask, _SPAN_MODES[mode])

@@ -9,11 +9,13 @@ states and the gradient mapping):
     "torch"   pool              fused_pool/torch_kernels.py             pool_fwd / pool_bwd
               attention         fused_pool/torch_kernels.py             attention_fwd / attention_bwd
               query_attention   fused_pool/torch_kernels.py             query_attention_fwd / _bwd
+              span              fused_pool/torch_kernels.py             span_fwd / span_bwd
     "triton"  pool              triton_kernels/pool.py                  pool_fwd / pool_bwd
               attention         triton_kernels/attention.py             attention_fwd / attention_bwd
               query_attention   triton_kernels/attention.py             query_attention_fwd / _bwd
-    "cpu"     each kind         csrc/cpu/{pool,attention}_cpu.cpp       the extension's C++ ops
-    "cuda"    each kind         csrc/cuda/{pool,attention}_cuda.{cpp,cu}  ext_<kind>_fwd / _bwd
+              span              triton_kernels/span.py                  span_fwd / span_bwd
+    "cpu"     each kind         csrc/cpu/{pool,attention,span}_cpu.cpp  the extension's C++ ops
+    "cuda"    each kind         csrc/cuda/{pool,attention,span}_cuda.{cpp,cu}  ext_<kind>_fwd / _bwd
 
 triton_kernels/ is installed as the package fused_pool.triton_kernels. The extension's ops are
 `torch.ops.fused_pool.ext_<kind>_fwd` / `_bwd` on both "cpu" and "cuda" (the C++ dispatcher picks
@@ -25,7 +27,9 @@ Registration (torch.library), so that `torch.compile(fullgraph=True)` sees one o
 the Python backends' kernels become the custom ops `fused_pool::<backend>_<kind>_fwd` / `_bwd`
 with the spec's schema; the extension registers `fused_pool::ext_<kind>_fwd` / `_bwd` itself
 (csrc/fused_pool.cpp), and registration here checks that their schemas equal the spec's. Both get
-the spec's fake kernels and autograd.
+the spec's fake kernels and autograd. An extension built before a kind existed (a stale build) lacks
+its ops: the other kinds still register, and a call of the missing kind on "cpu" / "cuda" raises,
+asking for a rebuild (never at import).
 
 Eager calls skip the dispatcher: a custom-op call costs ~11 us of Python on top of the kernel
 (measured on a 2-core CPU machine, torch 2.13), so they run the same kernels directly, through an
@@ -55,11 +59,13 @@ KERNEL_MODULES: dict[str, dict[str, str]] = {
         "pool": "fused_pool.torch_kernels",
         "attention": "fused_pool.torch_kernels",
         "query_attention": "fused_pool.torch_kernels",
+        "span": "fused_pool.torch_kernels",
     },
     "triton": {
         "pool": "fused_pool.triton_kernels.pool",
         "attention": "fused_pool.triton_kernels.attention",
         "query_attention": "fused_pool.triton_kernels.attention",
+        "span": "fused_pool.triton_kernels.span",
     },
 }
 
@@ -166,9 +172,14 @@ def _register_extension(spec: OpSpec) -> Kernels:
     return Kernels(forward_op.default, backward_op.default, forward_op.default)
 
 
+def _extension_defines(kind: str) -> bool:
+    """Whether the loaded extension registers `ext_<kind>_fwd` and `_bwd` (a stale build may not)."""
+    return all(hasattr(torch.ops.fused_pool, f"ext_{kind}_{step}") for step in ("fwd", "bwd"))
+
+
 def _register_all() -> tuple[dict[str, dict[str, Callable]], dict[tuple[str, str], Kernels]]:
     """(backend -> kind -> the registered forward op, for every backend whose kernels exist in this
-    install; (backend, kind) -> the extension's Kernels)."""
+    install; (backend, kind) -> the extension's Kernels, for the kinds the extension defines)."""
     forward_ops = {
         backend: {kind: _register_python(spec, backend) for kind, spec in SPECS.items()}
         for backend in KERNEL_MODULES
@@ -176,6 +187,8 @@ def _register_all() -> tuple[dict[str, dict[str, Callable]], dict[tuple[str, str
     extension_kernels = {}
     if extension() is not None:
         for kind, spec in SPECS.items():
+            if not _extension_defines(kind):
+                continue  # a call raises (_missing_kind)
             registered = _register_extension(spec)
             for backend in ("cpu", "cuda"):
                 forward_ops.setdefault(backend, {})[kind] = registered.forward_op
@@ -187,10 +200,20 @@ def _register_all() -> tuple[dict[str, dict[str, Callable]], dict[tuple[str, str
 _FORWARD_OPS, _KERNELS = _register_all()
 
 
+def _missing_kind(backend: str, kind: str) -> RuntimeError:
+    return RuntimeError(
+        f"the {backend} backend cannot run op kind {kind!r}: the C++ extension fused_pool._C was built "
+        f"without its ops (fused_pool::ext_{kind}_fwd / _bwd), a stale build; rebuild the extension "
+        "(pip install --no-build-isolation -e .), or pass another backend"
+    )
+
+
 def kernels(backend: str, kind: str) -> Kernels:
     """`backend`'s kernels of op kind `kind` (the table in this module's docstring)."""
     found = _KERNELS.get((backend, kind))
     if found is None:
+        if backend not in KERNEL_MODULES:
+            raise _missing_kind(backend, kind)
         module = importlib.import_module(KERNEL_MODULES[backend][kind])
         forward, backward = getattr(module, f"{kind}_fwd"), getattr(module, f"{kind}_bwd")
         found = _KERNELS[backend, kind] = Kernels(forward, backward, _FORWARD_OPS[backend][kind])
@@ -218,7 +241,10 @@ def run(kind: str, backend: str, *inputs) -> Tensor:
     """The first output of `kind` on `backend` (inputs already checked and normalized): the one
     place every public op reaches its kernels."""
     if torch.compiler.is_compiling():
-        return _FORWARD_OPS[backend][kind](*inputs)[0]
+        forward_op = _FORWARD_OPS.get(backend, {}).get(kind)
+        if forward_op is None:
+            raise _missing_kind(backend, kind)
+        return forward_op(*inputs)[0]
     chosen = kernels(backend, kind)
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs[:2]):
         return _EagerFunction.apply(kind, chosen, *inputs)[0]

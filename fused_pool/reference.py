@@ -14,6 +14,9 @@ assumed valid: the public functions check them). Every semantic rule of the libr
   wins, as in `torch.max`;
 - the mask never receives a gradient.
 
+`span_pool` pools each span [start, end) of the tokens (clamped to [0, T]) as one sequence: spans may
+overlap, nest, repeat, be empty or leave gaps, and tokens outside every span are never read.
+
 One difference from the fused paths: for varlen inputs the reference reads the sequence lengths
 back to the host to build a padded view. The fused paths never do.
 """
@@ -33,6 +36,7 @@ __all__ = [
     "query_attention_pool",
     "first_token",
     "last_token",
+    "span_pool",
 ]
 
 
@@ -241,3 +245,33 @@ def first_token(x: Tensor, mask: Tensor | None = None, *, cu_seqlens: Tensor | N
 def last_token(x: Tensor, mask: Tensor | None = None, *, cu_seqlens: Tensor | None = None) -> Tensor:
     """(B, H): the last kept token of each sequence (0 if none); its gradient goes to that token."""
     return _kept_token(x, mask, cu_seqlens, "last")
+
+
+def span_pool(x: Tensor, spans: Tensor, mask: Tensor | None = None, *, mode: str = "mean") -> Tensor:
+    """(S, H) ("mean_max": (S, 2H)) pooled tokens of each span, one span at a time.
+
+    x: (T, H), or (B, L, H) whose tokens are numbered t = b L + l; spans (S, 2) half-open
+    [start, end), clamped to start' = min(max(start, 0), T), end' = min(max(end, start'), T); mask
+    (T,) or (B, L). Each span pools its kept tokens as masked_mean / masked_max pool a sequence.
+    Reads the spans back to the host: reference only.
+    """
+    hidden = x.shape[-1]
+    tokens = x if x.dim() == 2 else x.flatten(0, 1)
+    num_tokens = tokens.shape[0]
+    weights = None if mask is None else mask.reshape(-1)
+    pooled = []
+    for start, end in spans.tolist():
+        start = min(max(start, 0), num_tokens)
+        end = min(max(end, start), num_tokens)
+        span_x = tokens[start:end][None]  # (1, length, H): one sequence
+        span_mask = None if weights is None else weights[start:end][None]
+        if mode == "mean":
+            pooled.append(masked_mean(span_x, span_mask))
+        elif mode == "max":
+            pooled.append(masked_max(span_x, span_mask))
+        else:
+            pooled.append(masked_mean_max(span_x, span_mask))
+    if not pooled:
+        width = 2 * hidden if mode == "mean_max" else hidden
+        return (tokens.sum() * 0).expand(0, width).to(x.dtype).contiguous()
+    return torch.cat(pooled)

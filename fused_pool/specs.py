@@ -8,6 +8,8 @@ A kind is a forward / backward kernel pair with one schema on every backend:
                      backward: (grad_out, x, scores, mask, cu_seqlens, out, stats) -> (dx, dscores)
     query_attention: (x, query, mask, cu_seqlens, max_seqlen, scale) -> (out, stats)
                      backward: (grad_out, x, query, mask, cu_seqlens, out, stats, scale) -> (dx, dquery)
+    span:            (x, spans, mask, mode) -> (out, den, argmax)
+                     backward: (grad_out, spans, mask, den, argmax, x_shape, x_dtype, mode) -> dx
 
 pool `mode` is MEAN, MAX or MEAN_MAX (fused_pool.contract), and a forward may add STATES: then
 `out` holds the partial states (fused_pool.partials) in the accumulation dtype, its mean half the
@@ -16,6 +18,13 @@ sum of weights per sequence (B,) in the accumulation dtype (mean modes, else emp
 the int32 (B, H) index of the winning token within its sequence (l padded, t - start varlen; -1 for
 an empty sequence) (max modes, else empty). The pool backward computes dx = w g / den[seq] (0 where
 den == 0) and dx = g where the token's index is argmax[seq, h]. A varlen mask is per-token (T,).
+
+Span `x` is (T, H), `spans` (S, 2) int32 / int64 half-open [start, end) token offsets, each clamped
+to start' = min(max(start, 0), T), end' = min(max(end, start'), T) (never an out-of-bounds access),
+and `mask` None or per-token (T,). Its `out` is (S, H) (MEAN_MAX: (S, 2H)) in x's dtype (no STATES),
+`den` (S,) as the pool's, `argmax` (S, H) int32 the index t - start' within the clamped span (-1 if
+the span keeps no token). Its backward sums, over the spans holding a token in increasing span order,
+w g / den[span] (mean) and g where t - start' is argmax[span] (max).
 
 Attention `out` is (B, H) in the accumulation dtype (the caller casts it to x's dtype) and `stats`
 the (B, nh, 2) softmax (m, l); scores are (B, L, nh) / (T, nh) and query (nh, H / nh). The backward
@@ -158,4 +167,46 @@ QUERY_ATTENTION = OpSpec(
     **_ATTENTION_COMMON,
 )
 
-SPECS: dict[str, OpSpec] = {spec.kind: spec for spec in (POOL, ATTENTION, QUERY_ATTENTION)}
+
+# --- span -----------------------------------------------------------------------------------------
+
+
+def _span_save(ctx, inputs, output) -> None:
+    x, spans, mask, mode = inputs
+    ctx.save_for_backward(spans, mask, output[1], output[2])
+    ctx.x_shape, ctx.x_dtype, ctx.mode = list(x.shape), x.dtype, mode & contract.MEAN_MAX
+
+
+def _span_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
+    spans, mask, den, argmax = ctx.saved_tensors
+    dx = backward(grad_out, spans, mask, den, argmax, ctx.x_shape, ctx.x_dtype, ctx.mode)
+    return dx, None, None, None
+
+
+def _span_fake_forward(x, spans, mask, mode):
+    num_spans, hidden, acc = spans.shape[0], x.shape[-1], contract.accumulation_dtype(x.dtype)
+    both = mode & contract.MEAN_MAX == contract.MEAN_MAX
+    out = x.new_empty(num_spans, 2 * hidden if both else hidden)
+    den = x.new_empty(num_spans if mode & contract.MEAN else 0, dtype=acc)
+    argmax = x.new_empty((num_spans, hidden) if mode & contract.MAX else (0,), dtype=torch.int32)
+    return out, den, argmax
+
+
+def _span_fake_backward(grad_out, spans, mask, den, argmax, x_shape, x_dtype, mode):
+    return grad_out.new_empty(x_shape, dtype=x_dtype)
+
+
+SPAN = OpSpec(
+    kind="span",
+    forward_schema="(Tensor x, Tensor spans, Tensor? mask, int mode) -> (Tensor, Tensor, Tensor)",
+    backward_schema=(
+        "(Tensor grad_out, Tensor spans, Tensor? mask, Tensor den, Tensor argmax, SymInt[] x_shape,"
+        " ScalarType x_dtype, int mode) -> Tensor"
+    ),
+    fake_forward=_span_fake_forward,
+    fake_backward=_span_fake_backward,
+    save=_span_save,
+    input_grads=_span_input_grads,
+)
+
+SPECS: dict[str, OpSpec] = {spec.kind: spec for spec in (POOL, ATTENTION, QUERY_ATTENTION, SPAN)}

@@ -2,10 +2,12 @@
 
 The same kernels, in the op kinds' signatures (fused_pool.specs), as fused_pool.triton_kernels:
 `pool_fwd` / `pool_bwd` return and take (out, den, argmax), `attention_fwd` / `attention_bwd` and
-`query_attention_fwd` / `query_attention_bwd` (out, stats = softmax (m, l)). Written for clarity: every
+`query_attention_fwd` / `query_attention_bwd` (out, stats = softmax (m, l)), `span_fwd` / `span_bwd`
+(out, den, argmax, on the (span, token) pairs of `SpanPairs`). Written for clarity: every
 token is handled through `Segments`, which maps per-sequence values to tokens and reduces tokens to
 sequences, for padded (B, L) and varlen (T,) token axes alike. No host sync (varlen sequences are
-found with searchsorted, not read back), deterministic on CPU. Not fused: temporaries of the size of
+found with searchsorted, not read back; the span kernels read the spans' total length back once),
+deterministic on CPU (the span kernels on every device). Not fused: temporaries of the size of
 x are fine here.
 """
 
@@ -224,3 +226,104 @@ def query_attention_fwd(x, query, mask, cu_seqlens, max_seqlen, scale: float) ->
 
 def query_attention_bwd(grad_out, x, query, mask, cu_seqlens, out, stats, scale: float):
     return _attention_backward(grad_out, x, None, query, mask, cu_seqlens, out, stats, scale)
+
+
+# --- span -----------------------------------------------------------------------------------------
+
+
+def clamped_spans(spans: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """int64 (start', end') of each span: start' = min(max(start, 0), T), end' = min(max(end, start'), T)."""
+    starts = spans[:, 0].long().clamp(0, num_tokens)
+    ends = torch.maximum(spans[:, 1].long(), starts).clamp(max=num_tokens)
+    return starts, ends
+
+
+class SpanPairs:
+    """Every (span, token) pair with the token inside the clamped span, span by span in increasing
+    order, tokens in increasing order within a span: the token axis `Segments` gives the pool, so
+    that the pool's mean and max run on spans unchanged.
+
+    `span` / `token` (pairs,) int64; `keep`, `index` (t - start'), `weight` per pair as in Segments.
+    Building it reads the number of pairs (the sum of the span lengths) back to the host once: the
+    one host sync of this backend. Its temporaries are (pairs, H): the spans' total length, not T.
+    """
+
+    def __init__(self, spans: Tensor, mask: Tensor | None, num_tokens: int, acc: torch.dtype):
+        self.num_spans = spans.shape[0]
+        starts, ends = clamped_spans(spans, num_tokens)
+        self.lengths = ends - starts
+        num_pairs = int(self.lengths.sum()) if self.num_spans else 0  # host sync
+        spans_ids = torch.arange(self.num_spans, device=spans.device)
+        self.span = torch.repeat_interleave(spans_ids, self.lengths, output_size=num_pairs)
+        first_pair = torch.cumsum(self.lengths, 0) - self.lengths
+        self.index = torch.arange(num_pairs, device=spans.device) - first_pair[self.span]
+        self.token = starts[self.span] + self.index
+        kept = None if mask is None else mask[self.token]
+        self.keep = torch.ones_like(self.token, dtype=torch.bool) if kept is None else kept != 0
+        if kept is not None and kept.is_floating_point():
+            self.weight = torch.where(self.keep, kept.to(acc), 0)
+        else:
+            self.weight = self.keep.to(acc)
+
+    def per_token(self, per_span: Tensor) -> Tensor:
+        """(S, ...) -> (pairs, ...): each pair gets its span's value."""
+        return per_span[self.span]
+
+    def sum(self, per_pair: Tensor) -> Tensor:
+        """(pairs, ...) -> (S, ...): each span's pairs summed in order (deterministic on any device)."""
+        if per_pair.shape[0] == 0:
+            return per_pair.new_zeros(self.num_spans, *per_pair.shape[1:])
+        return torch.segment_reduce(per_pair, "sum", lengths=self.lengths, axis=0, unsafe=True)
+
+    def _extreme(self, per_pair: Tensor, fill, reduce: str) -> Tensor:
+        index = self.span.view(-1, *([1] * (per_pair.dim() - 1))).expand_as(per_pair)
+        out = per_pair.new_full((self.num_spans, *per_pair.shape[1:]), fill)
+        return out.scatter_reduce_(0, index, per_pair, reduce, include_self=True)
+
+    def amax(self, per_pair: Tensor, fill) -> Tensor:
+        return self._extreme(per_pair, fill, "amax")
+
+    def amin(self, per_pair: Tensor, fill) -> Tensor:
+        return self._extreme(per_pair, fill, "amin")
+
+
+def span_fwd(x: Tensor, spans: Tensor, mask, mode: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (S, H or 2H) in x.dtype, den (S,) if mean else empty, int32 argmax (S, H) within the
+    clamped span if max else empty). Only the tokens inside some span are read."""
+    acc = accumulation_dtype(x.dtype)
+    pairs = SpanPairs(spans, mask, x.shape[0], acc)
+    xs = x[pairs.token]  # (pairs, H)
+    parts, den, argmax = [], x.new_empty(0, dtype=acc), x.new_empty(0, dtype=torch.int32)
+    if mode & MEAN:
+        mean, den = _mean(xs, pairs, acc, False)
+        parts.append(mean)
+    if mode & MAX:
+        maximum, argmax = _max(xs, pairs)
+        parts.append(maximum)
+    return torch.cat(parts, -1).to(x.dtype).contiguous(), den, argmax
+
+
+def span_bwd(grad_out, spans, mask, den, argmax, x_shape, x_dtype, mode: int) -> Tensor:
+    """dx (T, H) in x_dtype: per token, the sum over the spans holding it, in increasing span order,
+    of w g / den[span] (mean) and g where the token is argmax[span] (max); 0 outside every span."""
+    acc = accumulation_dtype(x_dtype)
+    num_tokens, hidden = x_shape
+    pairs = SpanPairs(spans, mask, num_tokens, acc)
+    grad = pairs.per_token(grad_out.to(acc))
+    keep = _expand(pairs.keep, grad)
+    per_pair = grad.new_zeros(pairs.token.shape[0], hidden)
+    if mode & MEAN:
+        inverse = torch.where(den != 0, 1 / torch.where(den != 0, den, 1), 0)
+        per_pair += torch.where(
+            keep, grad[:, :hidden] * _expand(pairs.weight * pairs.per_token(inverse), grad), 0
+        )
+    if mode & MAX:
+        winner = pairs.per_token(argmax.long()) == _expand(pairs.index, per_pair)
+        per_pair += torch.where(keep & winner, grad[:, -hidden:], 0)
+    # Each token's pairs, gathered in increasing span order (a stable sort), then summed in order.
+    order = torch.sort(pairs.token, stable=True).indices
+    per_token = torch.bincount(pairs.token, minlength=num_tokens)
+    if order.shape[0] == 0:
+        return torch.zeros(x_shape, dtype=x_dtype, device=grad_out.device)
+    dx = torch.segment_reduce(per_pair[order], "sum", lengths=per_token, axis=0, unsafe=True)
+    return dx.to(x_dtype)

@@ -122,6 +122,31 @@ def test_max_seqlen_beyond_int64_under_compile(op, backend):
     assert_close(compiled(*leaves), ref(*leaves))
 
 
+sp = torch.tensor([[0, 3], [2, 7]])
+BAD_SPAN_CALLS = [  # (args, kwargs, error, message fragment): span_pool(x, spans, mask, mode=...)
+    ((x2.int(), sp), {}, TypeError, "x must be float16, bfloat16, float32 or float64"),
+    ((x2[0], sp), {}, ValueError, r"x must be \(T, H\) or \(B, L, H\), got shape \(8\)"),
+    ((x2, [[0, 3]]), {}, TypeError, "spans must be a torch.Tensor"),
+    ((x2, sp.float()), {}, TypeError, "spans must be int32 or int64, got dtype torch.float32"),
+    ((x2, sp.new_zeros(3, 3)), {}, ValueError, r"spans must be \(S, 2\) .* got shape \(3, 3\)"),
+    ((x2, sp[:, :1]), {}, ValueError, r"spans must be \(S, 2\) \[start, end\) .* got shape \(2, 1\)"),
+    ((x2, sp.to("meta")), {}, ValueError, "spans is on meta but x is on cpu"),
+    ((x2, sp, torch.ones(6)), {}, ValueError, r"mask must be \(T,\) = \(7,\) to match x .* got shape \(6\)"),
+    ((x3, sp, torch.ones(10)), {}, ValueError, r"mask must be \(B, L\) = \(2, 5\)"),
+    ((x2, sp, torch.ones(7, dtype=torch.complex64)), {}, TypeError, "mask must be bool, integer or floating"),
+    ((x2, sp, torch.ones(7, device="meta")), {}, ValueError, "mask is on meta but x is on cpu"),
+    ((x2, sp, [1] * 7), {}, TypeError, "mask must be a torch.Tensor"),
+    ((x2, sp), {"mode": "sum"}, ValueError, r"mode must be one of \('mean', 'max', 'mean_max'\), got 'sum'"),
+    ((x2, sp), {"mode": 1}, TypeError, "mode must be a str"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("args, kwargs, error, message", BAD_SPAN_CALLS)
+def test_bad_span_input(backend, args, kwargs, error, message):
+    pytest.raises(error, fused_pool.span_pool, *args, backend=backend, **kwargs).match(message)
+
+
 @pytest.mark.parametrize("op", POOL_OPS)
 def test_bad_backend(op):
     fn = getattr(fused_pool, op)

@@ -1,11 +1,11 @@
 """The fused ops under torch.compile: no graph break, no recompile as shapes change, opcheck; the same
-for the "torch" backend and the token ops."""
+for the "torch" backend, the token ops and span_pool."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FUSED, assert_close, cu_seqlens_of
+from helpers import FUSED, SPAN_BACKENDS, assert_close, cu_seqlens_of
 
 import fused_pool
 from fused_pool.contract import MAX, MEAN, MEAN_MAX
@@ -251,3 +251,43 @@ def test_tokens_fullgraph_dynamic_without_recompiling(op):
             tokens = torch.randn(sum(lengths), 16)
             cu_seqlens = cu_seqlens_of(lengths)
             assert torch.equal(varlen(tokens, cu_seqlens), fn(tokens, cu_seqlens=cu_seqlens))
+
+
+# --- span_pool ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, device", SPAN_BACKENDS)
+@pytest.mark.parametrize("mode", ["mean", "max", "mean_max"])
+def test_span_fullgraph_dynamic_without_recompiling(mode, backend, device):
+    call = lambda x, s, m: fused_pool.span_pool(x, s, m, mode=mode, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, dynamic=True)
+    # T and S change on every call, never equal to each other or to H = 12.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for num_tokens, num_spans in [(9, 4), (17, 7), (30, 5), (23, 11)]:
+            x = torch.randn(num_tokens, 12, device=device, requires_grad=True)
+            starts = torch.randint(0, num_tokens, (num_spans,), device=device)
+            spans = torch.stack([starts, (starts + torch.randint(0, 6, (num_spans,), device=device))], 1)
+            mask = torch.rand(num_tokens, device=device)
+            expected = call(x, spans, mask)
+            (expected_dx,) = torch.autograd.grad(expected.square().sum(), x)
+            out = compiled(x, spans, mask)
+            (dx,) = torch.autograd.grad(out.square().sum(), x)
+            assert_close(out, expected)
+            assert_close(dx, expected_dx)
+
+
+@pytest.mark.parametrize("backend, device", SPAN_BACKENDS)
+@pytest.mark.parametrize("mode", [MEAN, MAX, MEAN_MAX])
+def test_span_opcheck(mode, backend, device):
+    op = kernels(backend, "span").forward_op
+    x = torch.randn(10, 8, device=device, requires_grad=True)
+    spans = torch.tensor([[0, 4], [2, 9], [5, 5], [7, 12]], device=device)
+    mask = torch.rand(10, device=device) > 0.3
+    for args in [
+        (x, spans, None, mode),
+        (x, spans.int(), mask, mode),
+        (x, spans, mask.float(), mode),
+        (x, spans[:0], None, mode),
+    ]:
+        torch.library.opcheck(op, args)

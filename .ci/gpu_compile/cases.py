@@ -32,9 +32,17 @@ SPLIT_LEN = 2048
 SHORT_LEN = 100  # padded L; varlen: 4 sequences of 100 with the max_seqlen hint
 
 
+# span_pool (op "span_<mode>"): spans over x (T, H). Split: a few spans over T = SPLIT_LEN (the
+# span split plan spreads each over many programs). No split: more short spans than two waves of
+# programs on any SM count and H. one_token: T = 1 and H = 1 (ints equal to 1 are specialized).
+SPAN_SIZES = (1, *SIZES)
+SPAN_LAYOUTS = ("spans", "one_token")
+MANY_SPANS = 4096
+
+
 class Case(NamedTuple):
-    op: str  # mean | max | mean_max | attention | query_attention
-    layout: str  # padded | varlen
+    op: str  # mean | max | mean_max | attention | query_attention | span_<mode> | <mode>_states
+    layout: str  # padded | varlen; span ops: spans | one_token
     mask: str  # none | bool | float | int64 (varlen: none, or float weights where the API takes them)
     split: bool
     dtype: str
@@ -57,6 +65,12 @@ def all_cases() -> list[Case]:
             if layout == "varlen" and mask != "none" and not (op == "mean" and mask == "float"):
                 continue  # varlen has no padding; only masked_mean takes a mask there (weights)
             cases.append(Case(op, layout, mask, split, dtype, size, nh))
+    for mode, layout, mask, split, dtype, size in itertools.product(
+        POOL_MODES, SPAN_LAYOUTS, MASKS, (True, False), DTYPES, SPAN_SIZES
+    ):
+        if layout == "one_token" and (split or size != 1):
+            continue
+        cases.append(Case(f"span_{mode}", layout, mask, split, dtype, size, 0))
     for op in STATES_OPS:
         for layout, mask, split, dtype, size in itertools.product(
             ("padded", "varlen"), ("none", "bool"), (True, False), DTYPES, STATES_SIZES
@@ -85,6 +99,8 @@ def inputs(case: Case):
     dtype = DTYPES[case.dtype]
     hidden = case.size * max(case.heads, 1)
     kwargs = {}
+    if case.op.startswith("span_"):
+        return _span_inputs(case, dtype, hidden)
     if case.layout == "padded":
         batch, length = (1, SPLIT_LEN) if case.split else (4, SHORT_LEN)
         x = torch.empty(batch, length, hidden, dtype=dtype)
@@ -115,3 +131,19 @@ def inputs(case: Case):
     query_shape = (hidden,) if case.heads == 1 else (case.heads, case.size)
     query = torch.empty(query_shape, dtype=dtype, requires_grad=True)
     return "query_attention_pool", (x, query, mask), kwargs, (x, query)
+
+
+def _span_inputs(case: Case, dtype: torch.dtype, hidden: int):
+    """span_pool's call: split, 2 spans over SPLIT_LEN tokens (int64 spans); else MANY_SPANS spans of
+    4 tokens over SHORT_LEN * 4 (int32 spans: the other pointer type)."""
+    if case.layout == "one_token":
+        tokens, spans = 1, torch.tensor([[0, 1]], dtype=torch.int64)
+    elif case.split:
+        tokens, spans = SPLIT_LEN, torch.tensor([[0, SPLIT_LEN], [10, SPLIT_LEN // 2]], dtype=torch.int64)
+    else:
+        tokens = SHORT_LEN * 4
+        starts = torch.arange(MANY_SPANS, dtype=torch.int32) % (tokens - 4)
+        spans = torch.stack([starts, starts + 4], 1)
+    x = torch.empty(tokens, hidden, dtype=dtype, requires_grad=True)
+    mask = _mask(case.mask, (tokens,), dtype)
+    return "span_pool", (x, spans, mask), {"mode": case.op.removeprefix("span_")}, (x,)

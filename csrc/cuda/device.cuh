@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels: conversions, 16-byte loads / stores, the folded launch
-// grid, chunk mapping, warp sums.
+// grid, chunk mapping, the mean / max reduction state, the dtype dispatch, warp sums.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -231,6 +231,40 @@ __device__ __forceinline__ void sequence_chunks(int64_t seq, const SplitPlan& pl
     end = min(first + plan.splits, plan.num_chunks);
   }
   if (end < first) end = first;
+}
+
+// One thread's running mean / max state over VEC channels: sum(w x), the max and its row (-1: none
+// yet), and sum(w) (pool and span forwards).
+template <typename Acc, int VEC>
+struct ReduceState {
+  Acc total[VEC];
+  Acc best[VEC];
+  int32_t best_row[VEC];
+  Acc weight;
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      total[i] = Acc(0);
+      best[i] = Acc(0);
+      best_row[i] = -1;
+    }
+    weight = Acc(0);
+  }
+};
+
+// Calls Launch<T, VEC>::run(a, stream) for a.dtype, with VEC = 16 bytes' worth of T when a.vec > 1,
+// else 1.
+template <template <typename, int> class Launch, typename Args>
+bool dispatch(const Args& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case kFloat16: return a.vec > 1 ? Launch<__half, 8>::run(a, stream) : Launch<__half, 1>::run(a, stream);
+    case kBFloat16:
+      return a.vec > 1 ? Launch<__nv_bfloat16, 8>::run(a, stream) : Launch<__nv_bfloat16, 1>::run(a, stream);
+    case kFloat32: return a.vec > 1 ? Launch<float, 4>::run(a, stream) : Launch<float, 1>::run(a, stream);
+    case kFloat64: return a.vec > 1 ? Launch<double, 2>::run(a, stream) : Launch<double, 1>::run(a, stream);
+  }
+  return true;
 }
 
 // Sum over the warp in a fixed butterfly order: every lane gets the same, deterministic value.

@@ -98,6 +98,36 @@ struct PoolBackward {
 };
 [[nodiscard]] bool pool_backward(const PoolBackward& args, cudaStream_t stream);
 
+// span_pool: geometry is x (T, H) as S varlen "sequences" (num_seqs S, num_rows T), the mask per
+// token (T,), spans (S, 2) contiguous, read with span_bounds (clamped to [0, T]).
+struct SpanForward {
+  const void* x;
+  DType dtype;
+  Geometry geometry;
+  MaskView mask;
+  IndexView spans;
+  int mode;          // kMean | kMax
+  void* out;         // (S, H or 2H), x's dtype, contiguous, 16-byte aligned
+  void* den;         // (S,) Acc: sum of weights (mean modes)
+  int32_t* argmax;   // (S, H): index within the clamped span of each maximum, -1 when empty (max modes)
+  int vec;           // channels per load: 1, or 16 bytes' worth (then H % vec == 0, aligned rows)
+};
+[[nodiscard]] bool span_forward(const SpanForward& args, cudaStream_t stream);
+
+struct SpanBackward {
+  const void* grad;       // (S, H or 2H) Acc, contiguous, 16-byte aligned
+  DType dtype;            // of dx
+  Geometry geometry;      // of dx: contiguous (T, H)
+  MaskView mask;
+  IndexView spans;
+  int mode;
+  const void* den;        // (S,) Acc
+  const int32_t* argmax;  // (S, H) contiguous, 16-byte aligned
+  void* dx;
+  int vec;
+};
+[[nodiscard]] bool span_backward(const SpanBackward& args, cudaStream_t stream);
+
 // attention_pool forward from per-row scores; query mode computes them first with query_scores.
 struct AttentionForward {
   const void* x;

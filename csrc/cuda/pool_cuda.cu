@@ -18,27 +18,9 @@ namespace fused_pool {
 namespace cuda {
 namespace {
 
-template <typename Acc, int VEC>
-struct PoolState {
-  Acc total[VEC];
-  Acc best[VEC];
-  int32_t best_row[VEC];
-  Acc weight;
-
-  __device__ __forceinline__ void init() {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      total[i] = Acc(0);
-      best[i] = Acc(0);
-      best_row[i] = -1;
-    }
-    weight = Acc(0);
-  }
-};
-
 template <typename T, typename Acc, int VEC, int MODE>
 __device__ __forceinline__ void write_pool_result(const PoolForward& a, int64_t seq, int64_t c0, bool active,
-                                                  const PoolState<Acc, VEC>& st) {
+                                                  const ReduceState<Acc, VEC>& st) {
   const int64_t hidden = a.geometry.hidden;
   // Every buffer is contiguous and 16-byte aligned, and VEC divides H: VEC-aligned offsets.
   int64_t out_offset = seq * hidden * (MODE == (kMean | kMax) ? 2 : 1) + c0;
@@ -78,7 +60,7 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>) pool_fo
   const bool active = c0 < g.hidden;
   const T* x = static_cast<const T*>(a.x) + range.seq * g.stride_b;
 
-  PoolState<Acc, VEC> st;
+  ReduceState<Acc, VEC> st;
   st.init();
   // Rows counted from the chunk's first row in 32 bits (a chunk has < 2^31 rows: plan_split).
   const int32_t count = static_cast<int32_t>(range.last - range.first);
@@ -111,12 +93,12 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>) pool_fo
   }
 
   // Fold the row groups in order 0..7 (sums) and by (NaN, value, smallest row) (max).
-  __shared__ PoolState<Acc, VEC> shared[kRowGroups][kWarp];
+  __shared__ ReduceState<Acc, VEC> shared[kRowGroups][kWarp];
   shared[threadIdx.y][threadIdx.x] = st;
   __syncthreads();
   if (threadIdx.y != 0) return;
   for (int y = 1; y < kRowGroups; ++y) {
-    const PoolState<Acc, VEC>& other = shared[y][threadIdx.x];
+    const ReduceState<Acc, VEC>& other = shared[y][threadIdx.x];
     st.weight += other.weight;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
@@ -148,7 +130,7 @@ __global__ void pool_combine_kernel(PoolForward a) {
   if (c - threadIdx.x >= a.geometry.hidden) return;  // past the last channel block (folded grid)
   int64_t first, end;
   sequence_chunks(seq, a.plan, a.geometry.varlen, first, end);
-  PoolState<Acc, 1> st;
+  ReduceState<Acc, 1> st;
   st.init();
   for (int64_t chunk = first; chunk < end; ++chunk) {
     if (MODE & kMean) st.weight += static_cast<const Acc*>(a.part_den)[chunk];
@@ -281,19 +263,6 @@ bool launch_pool_backward(const PoolBackward& a, cudaStream_t stream) {
     case kMean: pool_backward_kernel<T, VEC, kMean><<<grid.grid, block, 0, stream>>>(a); break;
     case kMax: pool_backward_kernel<T, VEC, kMax><<<grid.grid, block, 0, stream>>>(a); break;
     case kMean | kMax: pool_backward_kernel<T, VEC, kMean | kMax><<<grid.grid, block, 0, stream>>>(a); break;
-  }
-  return true;
-}
-
-// Calls launch<T, VEC> with VEC = 16 bytes' worth of T when vec > 1, else 1.
-template <template <typename, int> class Launch, typename Args>
-bool dispatch(const Args& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case kFloat16: return a.vec > 1 ? Launch<__half, 8>::run(a, stream) : Launch<__half, 1>::run(a, stream);
-    case kBFloat16:
-      return a.vec > 1 ? Launch<__nv_bfloat16, 8>::run(a, stream) : Launch<__nv_bfloat16, 1>::run(a, stream);
-    case kFloat32: return a.vec > 1 ? Launch<float, 4>::run(a, stream) : Launch<float, 1>::run(a, stream);
-    case kFloat64: return a.vec > 1 ? Launch<double, 2>::run(a, stream) : Launch<double, 1>::run(a, stream);
   }
   return true;
 }

@@ -10,6 +10,9 @@ sentence-transformers' Pooling as a second base, so the library's own isinstance
 (set_pooling_include_prompt, INSTRUCTOR handling, on_model_ready) find it, whether it was put there by
 `patch`, loaded, or built by hand. A patched model saves exactly like an unpatched one and loads with
 or without fused_pool.
+
+`late_chunk(model, documents, chunk_spans)` embeds chunks of long documents with the whole
+document's context (fused_pool.integrations.late_chunking).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import sentence_transformers  # noqa: F401  (an ImportError here where it is not
 from torch import nn
 
 from ..nn.sentence_pooling import Pooling, sentence_transformers_pooling, with_sentence_transformers_base
+from .late_chunking import late_chunk
 
-__all__ = ["FusedPooling", "patch"]
+__all__ = ["FusedPooling", "late_chunk", "patch"]
 
 FusedPooling = with_sentence_transformers_base(Pooling)
 """fused_pool.nn.Pooling that is also an instance of sentence-transformers' Pooling: the class of every

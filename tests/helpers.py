@@ -4,7 +4,6 @@ attention check against the reference, the marks of tests that call the extensio
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import zlib
 
@@ -202,27 +201,8 @@ needs_cuda_extension = pytest.mark.skipif(
 EXTENSION_DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA_EXTENSION else [])
 
 
-# --- span_pool: the backends whose span kernels exist here ------------------------------------------
+# --- span_pool: FUSED plus the torch backend ------------------------------------------------------
 
-
-def _span_kernels_missing(backend: str) -> bool:
-    """Whether `backend`'s span kernels are absent from this tree (their branch not merged yet)."""
-    if backend == "triton":
-        return importlib.util.find_spec("fused_pool.triton_kernels.span") is None
-    return not all(hasattr(torch.ops.fused_pool, f"ext_span_{step}") for step in ("fwd", "bwd"))
-
-
-# FUSED for span_pool, plus the torch backend. TEMPORARY: a backend whose span kernels are missing is
-# an expected failure (not a skip), so the merged tree runs them for real; drop the mark once merged.
 SPAN_BACKENDS = [
     pytest.param("torch", d, id=f"torch-{d}") for d in DEVICES if d == "cpu" or torch.cuda.is_available()
-] + [
-    pytest.param(
-        *param.values,
-        id=param.id,
-        marks=[pytest.mark.xfail(strict=False, reason="kernels arrive on branch span_triton / span_cpp")]
-        if _span_kernels_missing(param.values[0])
-        else [],
-    )
-    for param in FUSED
-]
+] + list(FUSED)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .backends import BACKENDS
+from .contract import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -40,7 +41,8 @@ def check_pool_inputs(
 ) -> Tensor:
     """Checks x / mask / cu_seqlens / max_seqlen and returns x as (B, L, H) padded or (T, H) varlen.
 
-    varlen_weights: with cu_seqlens, accept a floating (T,) mask of per-token weights (masked_mean);
+    varlen_weights: with cu_seqlens, accept a floating (T,) mask of per-token weights (masked_mean,
+    linear_pool);
     otherwise the mask must be None there.
     """
     _require_tensor("x", x)
@@ -96,7 +98,7 @@ def max_seqlen_hint(max_seqlen: int | None, x: Tensor) -> int | None:
 def _check_varlen_weights(weights: Tensor, x: Tensor) -> None:
     """masked_mean's varlen mask: per-token floating weights (T,) for x (T, H)."""
     _require_tensor("mask", weights)
-    expected = "mask must be None when cu_seqlens is given (varlen input has no padding) or, for masked_mean,"
+    expected = "mask must be None when cu_seqlens is given (varlen input has no padding) or, for masked_mean and linear_pool,"
     if not weights.is_floating_point():
         raise TypeError(f"{expected} floating per-token weights (T,); got dtype {weights.dtype}")
     if weights.dim() != 1 or weights.shape[0] != x.shape[0]:
@@ -241,3 +243,56 @@ def check_span_inputs(
     if x.dim() == 3:
         x = x.reshape(x.shape[0] * x.shape[1], x.shape[2])  # a view when the strides allow
     return x, mask
+
+
+# --- linear_pool ------------------------------------------------------------------------------------
+
+LINEAR_MODES = ("max", "sum", "mean")
+
+
+def check_linear_inputs(
+    x: Tensor, weight: Tensor, bias: Tensor | None, mode: object, activation: object
+) -> None:
+    """Checks linear_pool's projection (weight (N, H), bias (N,) or None, in x's dtype, as nn.Linear
+    stores them), mode and activation; x is already checked ((B, L, H) or (T, H))."""
+    _require_tensor("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight must be (N, H) with H = {x.shape[-1]} (x's last dimension, as nn.Linear stores it), "
+            f"got shape {shape_str(weight)}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    _require_same_device("weight", weight, x)
+    if bias is not None:
+        _require_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be (N,) = ({weight.shape[0]},) or None, got shape {shape_str(bias)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+        _require_same_device("bias", bias, x)
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of {LINEAR_MODES}, got {type(mode).__name__}")
+    if mode not in LINEAR_MODES:
+        raise ValueError(f"mode must be one of {LINEAR_MODES}, got {mode!r}")
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation must be a str or None, got {type(activation).__name__}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+
+
+# --- probe_attention_pool ---------------------------------------------------------------------------
+
+MAX_PROBES = 256
+
+
+def check_probes(probes: Tensor, x: Tensor) -> None:
+    """Checks learned probes (P, H), 1 <= P <= MAX_PROBES, against x ((B, L, H) or (T, H))."""
+    _require_tensor("probes", probes)
+    if not probes.is_floating_point():
+        raise TypeError(f"probes must be a floating tensor, got dtype {probes.dtype}")
+    _require_same_device("probes", probes, x)
+    if probes.dim() != 2 or probes.shape[1] != x.shape[-1]:
+        raise ValueError(f"probes must be (P, H) with H = {x.shape[-1]}, got shape {shape_str(probes)}")
+    if not 1 <= probes.shape[0] <= MAX_PROBES:
+        raise ValueError(f"probes must hold 1 to {MAX_PROBES} probes (P, H), got P = {probes.shape[0]}")

@@ -13,6 +13,11 @@ from torch import Tensor
 
 MEAN, MAX, MEAN_MAX = 1, 2, 3  # pool mode bits: 1 = mean, 2 = max
 STATES = 4  # forward only: out holds the partial states (sum of w x, max) in the accumulation dtype
+SUM = 8  # linear_pool only: the weighted sum over the kept tokens, not divided by their weight
+
+# linear_pool's activations, applied to each projected value z before the pooling; the kernels get
+# the index. "gelu" is the erf form (torch.nn.functional.gelu); "log1p_relu" is SPLADE's log(1 + relu z).
+ACTIVATIONS = ("none", "relu", "log1p_relu", "log1p_log1p_relu", "gelu", "tanh", "silu")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

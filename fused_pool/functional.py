@@ -12,6 +12,9 @@ Attention pooling takes scores (B, L) / (T,) for one head or (B, L, nh) / (T, nh
 (head k pools channels [k H/nh, (k+1) H/nh)), or a learned query (H,) / (nh, H/nh) whose scores
 (x_head . query_head) * scale are computed inside the kernel.
 
+probe_attention_pool pools every channel once per learned probe (P, H) -> (B, P, H); linear_pool
+projects, activates and pools -> (B, N) without building the (tokens, N) projection.
+
 span_pool pools token spans [start, end) of x (T, H) (or (B, L, H) numbered t = b L + l) into
 (S, H) (mean_max: (S, 2H)): spans may overlap, nest, repeat, be empty or leave gaps.
 """
@@ -21,7 +24,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._checks import (
+    check_linear_inputs,
     check_pool_inputs,
+    check_probes,
     check_query,
     check_scale,
     check_scores,
@@ -29,7 +34,7 @@ from ._checks import (
     max_seqlen_hint,
 )
 from .backends import resolve_backend
-from .contract import MAX, MEAN, MEAN_MAX
+from .contract import ACTIVATIONS, MAX, MEAN, MEAN_MAX, SUM
 from .ops import run
 from .tokens import first_token, last_token
 
@@ -37,9 +42,11 @@ __all__ = [
     "attention_pool",
     "first_token",
     "last_token",
+    "linear_pool",
     "masked_max",
     "masked_mean",
     "masked_mean_max",
+    "probe_attention_pool",
     "query_attention_pool",
     "span_pool",
 ]
@@ -174,3 +181,65 @@ def span_pool(
     """
     x, mask = check_span_inputs(x, spans, mask, mode)
     return run("span", resolve_backend(backend, x.device), x, spans, mask, _SPAN_MODES[mode])
+
+
+def probe_attention_pool(
+    x: Tensor,
+    probes: Tensor,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Attention pooling of every channel with each learned probe -> (B, P, H).
+
+    probes: (P, H), 1 <= P <= 256. s[p, t] = scale * (probes[p] . x_t) over all H channels (scale
+    defaults to 1/sqrt(H)); out[b, p] = sum_t softmax_t(s[p]) x_t over the kept tokens. The heads of
+    an attention-pooling block with key / value projections fold into this op (fused_pool.nn.MAPHead).
+    Non-finite scores follow torch.softmax as in attention_pool; a sequence with no kept token pools
+    to 0. Gradients flow to x and probes (dprobes summed in a fixed order: deterministic).
+    """
+    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
+    max_seqlen = max_seqlen_hint(max_seqlen, x)
+    check_probes(probes, x)
+    check_scale(scale)
+    hidden = x.shape[-1]
+    scale = float(hidden**-0.5 if hidden else 1.0) if scale is None else float(scale)
+    backend = resolve_backend(backend, x.device)
+    out = run("probe_attention", backend, x, probes, mask, cu_seqlens, max_seqlen, scale)
+    return out.to(x.dtype)
+
+
+_LINEAR_MODES = {"max": MAX, "sum": SUM, "mean": MEAN}
+
+
+def linear_pool(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    mode: str = "max",
+    activation: str | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """pool(activation(x @ weight.T + bias)) over each sequence's kept tokens -> (B, N), without ever
+    building the (tokens, N) projection (SPLADE: activation="log1p_relu", mode "max" or "sum").
+
+    weight (N, H) and bias (N,) or None as nn.Linear stores them, in x's dtype. mode: "max", "sum"
+    or "mean"; a floating mask (B, L), or per-token weights (T,) with cu_seqlens, weights "sum" and
+    "mean", and "max" keeps w != 0. activation: None, "relu", "log1p_relu" (log(1 + relu z)),
+    "log1p_log1p_relu", "gelu" (erf form), "tanh" or "silu". Accumulates in float32 (float64 for
+    float64 x); output in x's dtype; a sequence with no kept token pools to 0. "max" sends each
+    gradient to the first maximal kept token. Gradients flow to x, weight and bias, deterministic.
+    """
+    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen, varlen_weights=True)
+    max_seqlen = max_seqlen_hint(max_seqlen, x)
+    check_linear_inputs(x, weight, bias, mode, activation)
+    code = ACTIVATIONS.index(activation or "none")
+    backend = resolve_backend(backend, x.device)
+    return run("linear", backend, x, weight, bias, mask, cu_seqlens, max_seqlen, _LINEAR_MODES[mode], code)

@@ -10,12 +10,16 @@ states and the gradient mapping):
               attention         fused_pool/torch_kernels.py             attention_fwd / attention_bwd
               query_attention   fused_pool/torch_kernels.py             query_attention_fwd / _bwd
               span              fused_pool/torch_kernels.py             span_fwd / span_bwd
+              linear            fused_pool/torch_linear.py              linear_fwd / linear_bwd
+              probe_attention   fused_pool/torch_probe.py               probe_attention_fwd / _bwd
     "triton"  pool              triton_kernels/pool.py                  pool_fwd / pool_bwd
               attention         triton_kernels/attention.py             attention_fwd / attention_bwd
               query_attention   triton_kernels/attention.py             query_attention_fwd / _bwd
               span              triton_kernels/span.py                  span_fwd / span_bwd
-    "cpu"     each kind         csrc/cpu/{pool,attention,span}_cpu.cpp  the extension's C++ ops
-    "cuda"    each kind         csrc/cuda/{pool,attention,span}_cuda.{cpp,cu}  ext_<kind>_fwd / _bwd
+              linear            triton_kernels/linear.py                linear_fwd / linear_bwd
+              probe_attention   triton_kernels/probe.py                 probe_attention_fwd / _bwd
+    "cpu"     each kind         csrc/cpu/<kind>_cpu.cpp                 the extension's C++ ops
+    "cuda"    each kind         csrc/cuda/<kind>_cuda.{cpp,cu}          ext_<kind>_fwd / _bwd
 
 triton_kernels/ is installed as the package fused_pool.triton_kernels. The extension's ops are
 `torch.ops.fused_pool.ext_<kind>_fwd` / `_bwd` on both "cpu" and "cuda" (the C++ dispatcher picks
@@ -60,12 +64,16 @@ KERNEL_MODULES: dict[str, dict[str, str]] = {
         "attention": "fused_pool.torch_kernels",
         "query_attention": "fused_pool.torch_kernels",
         "span": "fused_pool.torch_kernels",
+        "linear": "fused_pool.torch_linear",
+        "probe_attention": "fused_pool.torch_probe",
     },
     "triton": {
         "pool": "fused_pool.triton_kernels.pool",
         "attention": "fused_pool.triton_kernels.attention",
         "query_attention": "fused_pool.triton_kernels.attention",
         "span": "fused_pool.triton_kernels.span",
+        "linear": "fused_pool.triton_kernels.linear",
+        "probe_attention": "fused_pool.triton_kernels.probe",
     },
 }
 
@@ -246,6 +254,6 @@ def run(kind: str, backend: str, *inputs) -> Tensor:
             raise _missing_kind(backend, kind)
         return forward_op(*inputs)[0]
     chosen = kernels(backend, kind)
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs[:2]):
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
         return _EagerFunction.apply(kind, chosen, *inputs)[0]
     return chosen.forward(*inputs)[0]

@@ -14,6 +14,10 @@ assumed valid: the public functions check them). Every semantic rule of the libr
   wins, as in `torch.max`;
 - the mask never receives a gradient.
 
+`probe_attention_pool` is query attention with P probes over all H channels, one (B, P, H) output
+per probe. `linear_pool` pools act(x W^T + b) as masked_mean / masked_max pool x (sum: the weighted
+sum, not divided); this reference builds the (B, L, N) projection that the kernels never build.
+
 `span_pool` pools each span [start, end) of the tokens (clamped to [0, T]) as one sequence: spans may
 overlap, nest, repeat, be empty or leave gaps, and tokens outside every span are never read.
 
@@ -24,6 +28,7 @@ back to the host to build a padded view. The fused paths never do.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .contract import accumulation_dtype as _accumulation_dtype
@@ -34,6 +39,8 @@ __all__ = [
     "masked_mean_max",
     "attention_pool",
     "query_attention_pool",
+    "probe_attention_pool",
+    "linear_pool",
     "first_token",
     "last_token",
     "span_pool",
@@ -222,6 +229,93 @@ def query_attention_pool(
     counts = kept[..., None] & above_minus_inf.any(1, keepdim=True)
     scores = torch.full_like(dots, float("-inf")).index_put((counts,), dots[counts] * scale)
     return _softmax_pool(xs, scores, kept).to(x.dtype)
+
+
+def probe_attention_pool(
+    x: Tensor,
+    probes: Tensor,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """(B, P, H): for each probe p, softmax over the kept tokens of scale * (probes[p] . x_t), then the
+    weighted sum of the tokens. scale defaults to 1/sqrt(H)."""
+    acc = _accumulation_dtype(x.dtype)
+    xs, mask, _ = _padded_view(x, mask, cu_seqlens)
+    kept = _kept(mask)
+    hidden = xs.shape[-1]
+    if scale is None:
+        scale = hidden**-0.5 if hidden else 1.0
+    xs = torch.where(kept[..., None], xs.to(acc), 0)
+    dots = xs @ probes.to(acc).T  # (B, L, P)
+    # Scaled only where a score counts, as in query_attention_pool.
+    above_minus_inf = kept[..., None] & (dots.detach() * scale != float("-inf"))
+    counts = kept[..., None] & above_minus_inf.any(1, keepdim=True)
+    scores = torch.full_like(dots, float("-inf")).index_put((counts,), dots[counts] * scale)
+    empty = (scores == float("-inf")).all(1)  # (B, P)
+    p = torch.softmax(torch.where(empty[:, None], 0, scores), dim=1)  # (B, L, P)
+    pooled = p.transpose(1, 2) @ xs  # (B, P, H)
+    return torch.where(empty[..., None], 0, pooled).to(x.dtype)
+
+
+def _log1p_relu(z: Tensor) -> Tensor:
+    return torch.log1p(torch.relu(z))
+
+
+ACTIVATION_FUNCTIONS = {
+    None: lambda z: z,
+    "none": lambda z: z,
+    "relu": torch.relu,
+    "log1p_relu": _log1p_relu,
+    "log1p_log1p_relu": lambda z: torch.log1p(_log1p_relu(z)),
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+}
+
+
+def linear_pool(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    mode: str = "max",
+    activation: str | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """(B, N): "max", "sum" (sum of w a) or "mean" (sum of w a / sum of w) over the kept tokens of
+    a = activation(x @ weight.T + bias). A floating mask weights sum / mean, max keeps w != 0."""
+    acc = _accumulation_dtype(x.dtype)
+    if cu_seqlens is not None and mask is not None:  # varlen per-token weights (T,)
+        xs, inside, (token_weights,) = _padded_view(x, None, cu_seqlens, mask)
+        mask = torch.where(inside, token_weights, 0)
+    else:
+        xs, mask, _ = _padded_view(x, mask, cu_seqlens)
+    weights = mask.detach().to(acc) if mask.is_floating_point() else _kept(mask).to(acc)
+    kept = weights != 0
+    xs = torch.where(kept[..., None], xs.to(acc), 0)
+    z = xs @ weight.to(acc).T  # (B, L, N)
+    if bias is not None:
+        z = z + bias.to(acc)
+    values = ACTIVATION_FUNCTIONS[activation](z)
+    if mode == "max":
+        if values.shape[1] == 0:  # no positions at all: every sequence is empty
+            return (values.sum(1) * 0).to(x.dtype)
+        position = _first_max_position(values.detach(), kept)
+        picked = values.gather(1, position[:, None, :]).squeeze(1)
+        return torch.where(kept.any(1, keepdim=True), picked, 0).to(x.dtype)
+    total = torch.where(kept[..., None], values * weights[..., None], 0).sum(1)
+    if mode == "sum":
+        return total.to(x.dtype)
+    den = weights.sum(1, keepdim=True)
+    nonzero = den != 0
+    return torch.where(nonzero, total / torch.where(nonzero, den, 1), 0).to(x.dtype)
 
 
 def _kept_token(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, which: str) -> Tensor:

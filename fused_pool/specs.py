@@ -10,6 +10,11 @@ A kind is a forward / backward kernel pair with one schema on every backend:
                      backward: (grad_out, x, query, mask, cu_seqlens, out, stats, scale) -> (dx, dquery)
     span:            (x, spans, mask, mode) -> (out, den, argmax)
                      backward: (grad_out, spans, mask, den, argmax, x_shape, x_dtype, mode) -> dx
+    linear:          (x, weight, bias, mask, cu_seqlens, max_seqlen, mode, activation) -> (out, den, argmax)
+                     backward: (grad_out, x, weight, bias, mask, cu_seqlens, den, argmax, mode,
+                               activation) -> (dx, dweight, dbias)
+    probe_attention: (x, probes, mask, cu_seqlens, max_seqlen, scale) -> (out, stats)
+                     backward: (grad_out, x, probes, mask, cu_seqlens, out, stats, scale) -> (dx, dprobes)
 
 pool `mode` is MEAN, MAX or MEAN_MAX (fused_pool.contract), and a forward may add STATES: then
 `out` holds the partial states (fused_pool.partials) in the accumulation dtype, its mean half the
@@ -26,10 +31,22 @@ and `mask` None or per-token (T,). Its `out` is (S, H) (MEAN_MAX: (S, 2H)) in x'
 the span keeps no token). Its backward sums, over the spans holding a token in increasing span order,
 w g / den[span] (mean) and g where t - start' is argmax[span] (max).
 
+Linear pools a = act(x W^T + b) (weight (N, H), bias (N,) or None, both in x's dtype; `activation`
+an index into contract.ACTIVATIONS) over each sequence's kept tokens, never building the (tokens, N)
+projection: `mode` is MAX, SUM (sum of w a) or MEAN (sum of w a / sum of w); `out` (B, N) in x's
+dtype, `den` (B,) the sum of weights in the accumulation dtype (MEAN, else empty), `argmax` (B, N)
+int32 the index of the first maximal kept token within its sequence as the pool's (MAX, else empty).
+Its backward returns dx (x's shape and dtype, 0 at tokens not kept), dweight (N, H) and dbias (N,)
+(the gradient a bias would get, also when bias is None): MAX recomputes z only at the argmax
+tokens, SUM / MEAN recompute the projection block by block. The mask is (B, L) padded or, varlen,
+None or per-token weights (T,).
+
 Attention `out` is (B, H) in the accumulation dtype (the caller casts it to x's dtype) and `stats`
 the (B, nh, 2) softmax (m, l); scores are (B, L, nh) / (T, nh) and query (nh, H / nh). The backward
 recomputes p = exp(s - m) / l from the stats it is given (0 where l == 0), with
-ds = p g . (x - out). A varlen mask is per-token (T,) here too (the distributed ops drop padding
+ds = p g . (x - out). Probe attention pools every channel with each of P probes (P, H): s[p, t] =
+scale (probes[p] . x_t), `out` (B, P, H) in the accumulation dtype (the caller casts it), `stats`
+(B, P, 2), backward (dx, dprobes) with dprobes summed in a fixed order. A varlen mask is per-token (T,) here too (the distributed ops drop padding
 with it); the public single-device ops take none.
 
 Because every backward reads only these saved states, a caller may substitute other states for the
@@ -209,4 +226,79 @@ SPAN = OpSpec(
     input_grads=_span_input_grads,
 )
 
-SPECS: dict[str, OpSpec] = {spec.kind: spec for spec in (POOL, ATTENTION, QUERY_ATTENTION, SPAN)}
+
+# --- linear ---------------------------------------------------------------------------------------
+
+
+def _linear_save(ctx, inputs, output) -> None:
+    x, weight, bias, mask, cu_seqlens, _max_seqlen, mode, activation = inputs
+    ctx.save_for_backward(x, weight, bias, mask, cu_seqlens, output[1], output[2])
+    ctx.mode, ctx.activation, ctx.has_bias = mode, activation, bias is not None
+
+
+def _linear_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
+    x, weight, bias, mask, cu_seqlens, den, argmax = ctx.saved_tensors
+    dx, dweight, dbias = backward(
+        grad_out, x, weight, bias, mask, cu_seqlens, den, argmax, ctx.mode, ctx.activation
+    )
+    return dx, dweight, dbias if ctx.has_bias else None, None, None, None, None, None
+
+
+def _linear_fake_forward(x, weight, bias, mask, cu_seqlens, max_seqlen, mode, activation):
+    batch, features, acc = contract.num_seqs(x, cu_seqlens), weight.shape[0], contract.accumulation_dtype(x.dtype)
+    out = x.new_empty(batch, features)
+    den = x.new_empty(batch if mode & contract.MEAN else 0, dtype=acc)
+    argmax = x.new_empty((batch, features) if mode & contract.MAX else (0,), dtype=torch.int32)
+    return out, den, argmax
+
+
+def _linear_fake_backward(grad_out, x, weight, bias, mask, cu_seqlens, den, argmax, mode, activation):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+LINEAR = OpSpec(
+    kind="linear",
+    forward_schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? cu_seqlens, int? max_seqlen, int mode,"
+        " int activation) -> (Tensor, Tensor, Tensor)"
+    ),
+    backward_schema=(
+        "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? cu_seqlens, Tensor den,"
+        " Tensor argmax, int mode, int activation) -> (Tensor, Tensor, Tensor)"
+    ),
+    fake_forward=_linear_fake_forward,
+    fake_backward=_linear_fake_backward,
+    save=_linear_save,
+    input_grads=_linear_input_grads,
+)
+
+
+# --- probe attention ------------------------------------------------------------------------------
+# Query attention's schema and saved states, with P probes each pooling all H channels.
+
+
+def _probe_attention_fake_forward(x, probes, mask, cu_seqlens, max_seqlen, scale):
+    acc, batch = contract.accumulation_dtype(x.dtype), contract.num_seqs(x, cu_seqlens)
+    num_probes = probes.shape[0]
+    return x.new_empty(batch, num_probes, x.shape[-1], dtype=acc), x.new_empty(batch, num_probes, 2, dtype=acc)
+
+
+PROBE_ATTENTION = OpSpec(
+    kind="probe_attention",
+    forward_schema=(
+        "(Tensor x, Tensor probes, Tensor? mask, Tensor? cu_seqlens, int? max_seqlen, float scale)"
+        " -> (Tensor, Tensor)"
+    ),
+    backward_schema=(
+        "(Tensor grad_out, Tensor x, Tensor probes, Tensor? mask, Tensor? cu_seqlens, Tensor out,"
+        " Tensor stats, float scale) -> (Tensor, Tensor)"
+    ),
+    fake_forward=_probe_attention_fake_forward,
+    fake_backward=_attention_fake_backward,
+    save=_attention_save,
+    input_grads=_attention_input_grads,
+)
+
+SPECS: dict[str, OpSpec] = {
+    spec.kind: spec for spec in (POOL, ATTENTION, QUERY_ATTENTION, SPAN, LINEAR, PROBE_ATTENTION)
+}

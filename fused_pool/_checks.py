@@ -98,7 +98,10 @@ def max_seqlen_hint(max_seqlen: int | None, x: Tensor) -> int | None:
 def _check_varlen_weights(weights: Tensor, x: Tensor) -> None:
     """masked_mean's varlen mask: per-token floating weights (T,) for x (T, H)."""
     _require_tensor("mask", weights)
-    expected = "mask must be None when cu_seqlens is given (varlen input has no padding) or, for masked_mean and linear_pool,"
+    expected = (
+        "mask must be None when cu_seqlens is given (varlen input has no padding) or, for masked_mean "
+        "and linear_pool,"
+    )
     if not weights.is_floating_point():
         raise TypeError(f"{expected} floating per-token weights (T,); got dtype {weights.dtype}")
     if weights.dim() != 1 or weights.shape[0] != x.shape[0]:

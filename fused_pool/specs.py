@@ -44,10 +44,12 @@ None or per-token weights (T,).
 Attention `out` is (B, H) in the accumulation dtype (the caller casts it to x's dtype) and `stats`
 the (B, nh, 2) softmax (m, l); scores are (B, L, nh) / (T, nh) and query (nh, H / nh). The backward
 recomputes p = exp(s - m) / l from the stats it is given (0 where l == 0), with
-ds = p g . (x - out). Probe attention pools every channel with each of P probes (P, H): s[p, t] =
-scale (probes[p] . x_t), `out` (B, P, H) in the accumulation dtype (the caller casts it), `stats`
-(B, P, 2), backward (dx, dprobes) with dprobes summed in a fixed order. A varlen mask is per-token (T,) here too (the distributed ops drop padding
+ds = p g . (x - out). A varlen mask is per-token (T,) here too (the distributed ops drop padding
 with it); the public single-device ops take none.
+
+Probe attention pools every channel with each of P probes (P, H): s[p, t] = scale (probes[p] . x_t),
+`out` (B, P, H) in the accumulation dtype (the caller casts it), `stats` (B, P, 2) as attention's,
+backward (dx, dprobes) with dprobes summed in a fixed order; a padded (B, L) mask, varlen none.
 
 Because every backward reads only these saved states, a caller may substitute other states for the
 ones its forward returned: the distributed ops (fused_pool.distributed) run the local backward
@@ -245,7 +247,8 @@ def _linear_input_grads(ctx, backward, grad_out, *_unused) -> tuple:
 
 
 def _linear_fake_forward(x, weight, bias, mask, cu_seqlens, max_seqlen, mode, activation):
-    batch, features, acc = contract.num_seqs(x, cu_seqlens), weight.shape[0], contract.accumulation_dtype(x.dtype)
+    batch, features = contract.num_seqs(x, cu_seqlens), weight.shape[0]
+    acc = contract.accumulation_dtype(x.dtype)
     out = x.new_empty(batch, features)
     den = x.new_empty(batch if mode & contract.MEAN else 0, dtype=acc)
     argmax = x.new_empty((batch, features) if mode & contract.MAX else (0,), dtype=torch.int32)
@@ -263,8 +266,8 @@ LINEAR = OpSpec(
         " int activation) -> (Tensor, Tensor, Tensor)"
     ),
     backward_schema=(
-        "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? cu_seqlens, Tensor den,"
-        " Tensor argmax, int mode, int activation) -> (Tensor, Tensor, Tensor)"
+        "(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? cu_seqlens,"
+        " Tensor den, Tensor argmax, int mode, int activation) -> (Tensor, Tensor, Tensor)"
     ),
     fake_forward=_linear_fake_forward,
     fake_backward=_linear_fake_backward,
@@ -279,8 +282,8 @@ LINEAR = OpSpec(
 
 def _probe_attention_fake_forward(x, probes, mask, cu_seqlens, max_seqlen, scale):
     acc, batch = contract.accumulation_dtype(x.dtype), contract.num_seqs(x, cu_seqlens)
-    num_probes = probes.shape[0]
-    return x.new_empty(batch, num_probes, x.shape[-1], dtype=acc), x.new_empty(batch, num_probes, 2, dtype=acc)
+    out = x.new_empty(batch, probes.shape[0], x.shape[-1], dtype=acc)
+    return out, x.new_empty(batch, probes.shape[0], 2, dtype=acc)
 
 
 PROBE_ATTENTION = OpSpec(

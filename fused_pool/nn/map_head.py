@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import check_backend_name, check_count
+from .._checks import MAX_PROBES, check_backend_name, check_count
 
 __all__ = ["MAPHead"]
 
@@ -72,9 +72,9 @@ class MAPHead(nn.Module):
     an optional (B, L) mask (nonzero = kept), or varlen (T, H) / (1, T, H) with cu_seqlens (B + 1,).
     Padding is never read. A sequence with no kept token pools the tokens to 0, so its attention
     output is the value bias b_v, as if it attended to one all-zero token (out_proj(b_v) before the
-    MLP block). Hugging Face's Siglip2 head instead attends to every token, padding included, when its
-    mask drops them all (it adds finfo.min to every score); with nn.MultiheadAttention's boolean
-    key_padding_mask the result would be NaN.
+    MLP block): finite, with zero gradients to the tokens, probes and query / key weights. Hugging
+    Face's Siglip2 head instead averages every token, padding included, when its mask drops them all
+    (it adds finfo.min to every score); nn.MultiheadAttention's boolean key_padding_mask gives NaN.
     """
 
     def __init__(
@@ -112,6 +112,10 @@ class MAPHead(nn.Module):
         self.mlp = _MLP(hidden_size, intermediate_size, **factory)
 
     def _set_sizes(self, hidden_size: int, num_heads: int, num_probes: int, layout: str, backend) -> None:
+        if num_heads * num_probes > MAX_PROBES:  # one folded probe per (head, probe)
+            raise ValueError(
+                f"num_heads * num_probes must be <= {MAX_PROBES}, got {num_heads} * {num_probes}"
+            )
         self.hidden_size, self.num_heads, self.num_probes = hidden_size, num_heads, num_probes
         self.layout, self.backend = layout, check_backend_name(backend)
 
@@ -121,12 +125,13 @@ class MAPHead(nn.Module):
         Siglip2MultiheadAttentionPoolingHead (its probe, attention, layernorm and mlp modules)."""
         if not _is_head(head, _SIGLIP_HEADS):
             raise TypeError(
-                f"head must be a SiglipMultiheadAttentionPoolingHead or Siglip2MultiheadAttentionPoolingHead, "
-                f"got {type(head).__name__}"
+                "head must be a SiglipMultiheadAttentionPoolingHead or "
+                f"Siglip2MultiheadAttentionPoolingHead, got {type(head).__name__}"
             )
         attention = head.attention
         if not isinstance(attention, nn.MultiheadAttention):
-            raise ValueError(f"head.attention must be an nn.MultiheadAttention, got {type(attention).__name__}")
+            kind = type(attention).__name__
+            raise ValueError(f"head.attention must be an nn.MultiheadAttention, got {kind}")
         if not (attention._qkv_same_embed_dim and attention.batch_first) or attention.in_proj_bias is None:
             raise ValueError(
                 "head.attention must be nn.MultiheadAttention(H, num_heads, batch_first=True) with "
@@ -183,6 +188,10 @@ class MAPHead(nn.Module):
     ) -> Tensor:
         if not isinstance(hidden_states, Tensor):
             raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must end in H = {self.hidden_size}, got shape {tuple(hidden_states.shape)}"
+            )
         queries, w_k, w_v, b_v = self._projections()
         hidden, heads, probes = self.hidden_size, self.num_heads, self.num_probes
         head_dim = hidden // heads

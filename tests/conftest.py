@@ -26,6 +26,8 @@ Across the ops:
     backend selection                                   test_backends.py
     padding-free helpers (unpad / pad)                  test_padding.py
     fused_pool.nn modules                               test_nn.py
+    fused_pool.nn.MAPHead (against the Hugging Face     test_map_head.py
+        SigLIP / SigLIP2 / AIMv2 heads)
     sentence-transformers, transformers integrations    test_sentence_transformers.py,
                                                         test_transformers.py
     import graph, installed package, gpu_run reports    test_import_graph.py, test_installed_package.py,

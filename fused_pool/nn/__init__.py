@@ -11,9 +11,11 @@
 | ConcatLayersPool(num_layers=4, base=MeanPool()) | cat of base over the last layers |
 | LSTMPool(hidden_size, lstm_hidden_size, layer_start=1, base=CLSPool()) | (B, lstm_hidden_size) |
 | Pooling | drop-in for sentence-transformers' Pooling |
+| MAPHead(hidden_size, num_heads, num_probes=1), .from_siglip, .from_aimv2 | (B, H) or (B, P, H) |
 """
 
 from .layers import ConcatLayersPool, LSTMPool, WeightedLayerPool
+from .map_head import MAPHead
 from .pools import (
     AttentionPool,
     CLSPool,
@@ -33,6 +35,7 @@ __all__ = [
     "DensePooler",
     "LSTMPool",
     "LastTokenPool",
+    "MAPHead",
     "MaxPool",
     "MeanMaxPool",
     "MeanPool",

@@ -267,4 +267,52 @@ inline void check_attention_backward(at::DeviceType kernel, const char* op, cons
   c.shape("stats", stats, {d.num_seqs, num_heads, 2}, "(B, nh, 2)");
 }
 
+// --- probe_attention (issue 23) -------------------------------------------------------------------
+
+// x, the mask ((B, L) padded; varlen none) and probes (P, H), 1 <= P <= kMaxProbes. Returns x's dims.
+inline Dims check_probe_inputs(const ArgChecks& c, const at::Tensor& x, const at::Tensor& probes,
+                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens) {
+  const Dims d = c.x("x", x.sizes(), x.scalar_type(), cu_seqlens);
+  TORCH_CHECK(!(d.varlen && mask.has_value()), c.op(), ": mask must be None when cu_seqlens is given (varlen)");
+  c.mask(mask, d);
+  c.device("probes", probes);
+  c.floating("probes", probes.scalar_type());
+  TORCH_CHECK(probes.dim() == 2 && probes.size(1) == d.hidden, c.op(), ": probes must be (P, H) with H = ", d.hidden,
+              ", got shape ", probes.sizes());
+  TORCH_CHECK(probes.size(0) >= 1 && probes.size(0) <= kMaxProbes, c.op(), ": probes must hold 1 to ", kMaxProbes,
+              " probes (P, H), got P = ", probes.size(0));
+  return d;
+}
+
+// ext_probe_attention_fwd(x, probes, mask, cu_seqlens, max_seqlen, scale).
+inline void check_probe_attention_forward(at::DeviceType kernel, const at::Tensor& x, const at::Tensor& probes,
+                                          const std::optional<at::Tensor>& mask,
+                                          const std::optional<at::Tensor>& cu_seqlens,
+                                          std::optional<int64_t> max_seqlen) {
+  const ArgChecks c("fused_pool::ext_probe_attention_fwd", kernel, "x", x);
+  check_probe_inputs(c, x, probes, mask, cu_seqlens);
+  c.max_seqlen(max_seqlen);
+}
+
+// ext_probe_attention_bwd: the forward's arguments plus grad_out (B, P, H), out (B, P, H) and stats
+// (B, P, 2) in the accumulation dtype.
+inline void check_probe_attention_backward(at::DeviceType kernel, const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& probes, const std::optional<at::Tensor>& mask,
+                                           const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& out,
+                                           const at::Tensor& stats) {
+  const ArgChecks c("fused_pool::ext_probe_attention_bwd", kernel, "x", x);
+  const Dims d = check_probe_inputs(c, x, probes, mask, cu_seqlens);
+  const int64_t num_probes = probes.size(0);
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  c.device("grad_out", grad_out);
+  c.floating("grad_out", grad_out.scalar_type());
+  c.shape("grad_out", grad_out, {d.num_seqs, num_probes, d.hidden}, "(B, P, H)");
+  c.device("out", out);
+  c.dtype("out", out, acc);
+  c.shape("out", out, {d.num_seqs, num_probes, d.hidden}, "(B, P, H)");
+  c.device("stats", stats);
+  c.dtype("stats", stats, acc);
+  c.shape("stats", stats, {d.num_seqs, num_probes, 2}, "(B, P, 2)");
+}
+
 }  // namespace fused_pool

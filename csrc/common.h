@@ -182,4 +182,15 @@ FP_HOST_DEVICE Acc softmax_weight(Acc s, Acc m, Acc l) {
   return l != Acc(0) ? std::exp(s - m) / l : Acc(0);
 }
 
+// --- probe_attention (issue 23) -------------------------------------------------------------------
+
+// Learned probes per call: 1 <= P <= kMaxProbes (fused_pool/_checks.py MAX_PROBES).
+constexpr int64_t kMaxProbes = 256;
+
+// Running max of scores that keeps the first NaN (a NaN score makes its probe NaN, as torch.softmax).
+template <typename Acc>
+FP_HOST_DEVICE Acc max_keeping_nan(Acc best, Acc s) {
+  return (is_nan(s) || (!is_nan(best) && s > best)) ? s : best;
+}
+
 }  // namespace fused_pool

@@ -236,7 +236,8 @@ void sum_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor&
   const at::Tensor w = weight.to(p.acc);
   const at::Tensor b = bias.has_value() ? bias->to(p.acc) : at::Tensor();
   const at::Tensor scale = linear_backward_scale(p, den, mode);
-  const int64_t block = std::min(linear_block_rows(features, at::elementSize(p.acc)), p.entries);
+  const int64_t block =
+      std::min(linear_block_rows(features, at::elementSize(p.acc), kLinearBackwardWorkspaceBytes), p.entries);
   at::Tensor workspace = at::empty({block, features}, x.options().dtype(p.acc));
   at::Tensor dx_rows = dx_acc.view({p.num_rows, p.hidden});
   AT_DISPATCH_FLOATING_TYPES(p.acc, "linear_bwd_cpu", [&] {

@@ -267,7 +267,7 @@ inline void check_attention_backward(at::DeviceType kernel, const char* op, cons
   c.shape("stats", stats, {d.num_seqs, num_heads, 2}, "(B, nh, 2)");
 }
 
-// --- probe_attention (issue 23) -------------------------------------------------------------------
+// --- probe_attention ------------------------------------------------------------------------------
 
 // x, the mask ((B, L) padded; varlen none) and probes (P, H), 1 <= P <= kMaxProbes. Returns x's dims.
 inline Dims check_probe_inputs(const ArgChecks& c, const at::Tensor& x, const at::Tensor& probes,
@@ -313,6 +313,65 @@ inline void check_probe_attention_backward(at::DeviceType kernel, const at::Tens
   c.device("stats", stats);
   c.dtype("stats", stats, acc);
   c.shape("stats", stats, {d.num_seqs, num_probes, 2}, "(B, P, 2)");
+}
+
+// --- linear_pool ----------------------------------------------------------------------------------
+
+// linear's x (B, L, H) / (T, H), mask, weight (N, H) and bias (N,) or None in x's dtype, mode MAX /
+// SUM / MEAN and the activation index. Returns x's dims.
+inline Dims check_linear_inputs(const ArgChecks& c, const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                                const std::optional<at::Tensor>& cu_seqlens, int64_t mode, int64_t activation) {
+  TORCH_CHECK(mode == kMax || mode == kSum || mode == kMean, c.op(), ": mode must be 2 (max), 8 (sum) or 1 (mean), got ",
+              mode);
+  TORCH_CHECK(activation >= 0 && activation < kNumActivations, c.op(), ": activation must be an index into ",
+              "fused_pool.contract.ACTIVATIONS (0 to ", kNumActivations - 1, "), got ", activation);
+  const Dims d = c.x("x", x.sizes(), x.scalar_type(), cu_seqlens);
+  c.mask(mask, d);
+  c.device("weight", weight);
+  c.dtype("weight", weight, x.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d.hidden, c.op(), ": weight must be (N, H) with H = ", d.hidden,
+              ", got shape ", weight.sizes());
+  if (bias.has_value()) {
+    c.device("bias", *bias);
+    c.dtype("bias", *bias, x.scalar_type());
+    c.shape("bias", *bias, {weight.size(0)}, "(N,)");
+  }
+  // argmax and the plan hold a token's index within its sequence in int32.
+  TORCH_CHECK(d.num_rows <= INT32_MAX, c.op(), ": linear_pool needs fewer than 2^31 tokens, got ", d.num_rows);
+  return d;
+}
+
+// ext_linear_fwd(x, weight, bias, mask, cu_seqlens, max_seqlen, mode, activation).
+inline void check_linear_forward(at::DeviceType kernel, const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen,
+                                 int64_t mode, int64_t activation) {
+  const ArgChecks c("fused_pool::ext_linear_fwd", kernel, "x", x);
+  check_linear_inputs(c, x, weight, bias, mask, cu_seqlens, mode, activation);
+  c.max_seqlen(max_seqlen);
+}
+
+// ext_linear_bwd(grad_out, x, weight, bias, mask, cu_seqlens, den, argmax, mode, activation).
+inline void check_linear_backward(at::DeviceType kernel, const at::Tensor& grad_out, const at::Tensor& x,
+                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
+                                  const at::Tensor& den, const at::Tensor& argmax, int64_t mode, int64_t activation) {
+  const ArgChecks c("fused_pool::ext_linear_bwd", kernel, "x", x);
+  const Dims d = check_linear_inputs(c, x, weight, bias, mask, cu_seqlens, mode, activation);
+  c.device("grad_out", grad_out);
+  c.floating("grad_out", grad_out.scalar_type());
+  c.shape("grad_out", grad_out, {d.num_seqs, weight.size(0)}, "(B, N)");
+  if (mode == kMean) {
+    c.device("den", den);
+    c.dtype("den", den, accumulation_type(x.scalar_type()));
+    c.shape("den", den, {d.num_seqs}, "(B,)");
+  }
+  if (mode == kMax) {
+    c.device("argmax", argmax);
+    c.dtype("argmax", argmax, at::kInt);
+    c.shape("argmax", argmax, {d.num_seqs, weight.size(0)}, "(B, N)");
+  }
 }
 
 }  // namespace fused_pool

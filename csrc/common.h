@@ -182,7 +182,7 @@ FP_HOST_DEVICE Acc softmax_weight(Acc s, Acc m, Acc l) {
   return l != Acc(0) ? std::exp(s - m) / l : Acc(0);
 }
 
-// --- probe_attention (issue 23) -------------------------------------------------------------------
+// --- probe_attention ------------------------------------------------------------------------------
 
 // Learned probes per call: 1 <= P <= kMaxProbes (fused_pool/_checks.py MAX_PROBES).
 constexpr int64_t kMaxProbes = 256;
@@ -191,6 +191,64 @@ constexpr int64_t kMaxProbes = 256;
 template <typename Acc>
 FP_HOST_DEVICE Acc max_keeping_nan(Acc best, Acc s) {
   return (is_nan(s) || (!is_nan(best) && s > best)) ? s : best;
+}
+
+// --- linear_pool (csrc/linear_host.h): the SUM mode and the activations ---------------------------
+
+// linear_pool's modes: kMax, kMean (sum of w a / sum of w) or kSum (sum of w a), as fused_pool.contract.
+constexpr int kSum = 8;
+
+// Indices into fused_pool.contract.ACTIVATIONS.
+enum Activation : int {
+  kActNone = 0,
+  kActRelu = 1,
+  kActLog1pRelu = 2,
+  kActLog1pLog1pRelu = 3,
+  kActGelu = 4,
+  kActTanh = 5,
+  kActSilu = 6,
+};
+constexpr int kNumActivations = 7;
+
+// act(z); gelu is the erf form (torch.nn.functional.gelu), log1p_relu is log(1 + max(z, 0)). NaN
+// stays NaN (relu(NaN) = NaN, as torch.relu).
+template <typename Acc>
+FP_HOST_DEVICE Acc activate(int activation, Acc z) {
+  const Acc relu = (z > Acc(0) || is_nan(z)) ? z : Acc(0);
+  switch (activation) {
+    case kActRelu: return relu;
+    case kActLog1pRelu: return std::log1p(relu);
+    case kActLog1pLog1pRelu: return std::log1p(std::log1p(relu));
+    case kActGelu: return Acc(0.5) * z * (Acc(1) + std::erf(z * Acc(0.70710678118654752440)));
+    case kActTanh: return std::tanh(z);
+    case kActSilu: return z / (Acc(1) + std::exp(-z));
+    default: return z;
+  }
+}
+
+// d act / dz at z, as autograd computes it (relu'(0) = 0; NaN in, NaN out).
+template <typename Acc>
+FP_HOST_DEVICE Acc activation_grad(int activation, Acc z) {
+  switch (activation) {
+    case kActRelu: return z > Acc(0) ? Acc(1) : (is_nan(z) ? z : Acc(0));
+    case kActLog1pRelu: return z > Acc(0) ? Acc(1) / (Acc(1) + z) : (is_nan(z) ? z : Acc(0));
+    case kActLog1pLog1pRelu:
+      return z > Acc(0) ? Acc(1) / ((Acc(1) + std::log1p(z)) * (Acc(1) + z)) : (is_nan(z) ? z : Acc(0));
+    case kActGelu: {
+      const Acc cdf = Acc(0.5) * (Acc(1) + std::erf(z * Acc(0.70710678118654752440)));
+      const Acc pdf = std::exp(Acc(-0.5) * z * z) * Acc(0.39894228040143267794);
+      return cdf + z * pdf;
+    }
+    case kActTanh: {
+      const Acc t = std::tanh(z);
+      return Acc(1) - t * t;
+    }
+    case kActSilu: {
+      const Acc s = Acc(1) / (Acc(1) + std::exp(-z));
+      return s * (Acc(1) + z * (Acc(1) - s));
+    }
+    default: return Acc(1);
+  }
 }
 
 }  // namespace fused_pool

@@ -28,13 +28,19 @@ TORCH_LIBRARY_FRAGMENT(fused_pool, m) {
   m.def(
       "ext_span_bwd(Tensor grad_out, Tensor spans, Tensor? mask, Tensor den, Tensor argmax, SymInt[] x_shape,"
       " ScalarType x_dtype, int mode) -> Tensor");
-  // --- probe_attention (issue 23) ---
+  // probe_attention, linear
   m.def(
       "ext_probe_attention_fwd(Tensor x, Tensor probes, Tensor? mask, Tensor? cu_seqlens, int? max_seqlen,"
       " float scale) -> (Tensor, Tensor)");
   m.def(
       "ext_probe_attention_bwd(Tensor grad_out, Tensor x, Tensor probes, Tensor? mask, Tensor? cu_seqlens,"
       " Tensor out, Tensor stats, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "ext_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? cu_seqlens, int? max_seqlen,"
+      " int mode, int activation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? cu_seqlens,"
+      " Tensor den, Tensor argmax, int mode, int activation) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

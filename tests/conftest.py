@@ -13,6 +13,7 @@ hand-computed semantics, the "torch" backend, the extension's ops called directl
         late chunking (sentence-transformers)           test_late_chunking.py
     probe_attention (probe_attention_pool)
         its C++ / CUDA kernels against the reference    test_probe_attention_ext.py
+    linear (linear_pool): the C++ ops called directly  test_linear_ext.py
     first_token / last_token                            test_tokens.py
 Across the ops:
     argument checks (ValueError / TypeError naming      test_arguments.py (fused_pool.nn

@@ -11,9 +11,12 @@
 | ConcatLayersPool(num_layers=4, base=MeanPool()) | cat of base over the last layers |
 | LSTMPool(hidden_size, lstm_hidden_size, layer_start=1, base=CLSPool()) | (B, lstm_hidden_size) |
 | Pooling | drop-in for sentence-transformers' Pooling |
+| LinearPool(in_features, out_features, mode="max", activation=None) | (B, out_features), fused |
+| SpladeHead.from_masked_lm(model, pooling="max") | (B, vocab): a masked LM's head, SPLADE |
 """
 
 from .layers import ConcatLayersPool, LSTMPool, WeightedLayerPool
+from .linear import LinearPool, SpladeHead
 from .pools import (
     AttentionPool,
     CLSPool,
@@ -33,10 +36,12 @@ __all__ = [
     "DensePooler",
     "LSTMPool",
     "LastTokenPool",
+    "LinearPool",
     "MaxPool",
     "MeanMaxPool",
     "MeanPool",
     "Pooling",
+    "SpladeHead",
     "WeightedLayerPool",
     "WeightedMeanPool",
 ]

@@ -318,3 +318,23 @@ def test_splade_head_errors():
         SpladeHead(torch.relu, nn.Linear(4, 8))
     with pytest.raises(ValueError, match="decoder takes 32 channels"):
         SpladeHead.from_masked_lm(bert).output_size(16)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_modules_under_autocast_compute_as_linear_does(backend):
+    """Mixed precision: a float32 module under torch.autocast runs in the autocast dtype, as nn.Linear."""
+    gen = make_generator(8)
+    pool = LinearPool(16, 24, mode="sum", activation="relu", backend=backend)
+    head = SpladeHead(nn.LayerNorm(16), nn.Linear(16, 24), pooling="max", backend=backend)
+    x, mask = torch.randn(3, 5, 16, generator=gen), make_mask("bool", 3, 5, gen)
+    keep = mask[..., None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, head_out = pool(x, mask), head(x, mask)
+        expected = torch.relu(nn.functional.linear(x, pool.weight, pool.bias)).masked_fill(~keep, 0).sum(1)
+        logits = head.decoder(head.transform(x))
+        expected_head = torch.log1p(torch.relu(logits)).masked_fill(~keep, 0).amax(1)
+    assert out.dtype == head_out.dtype == torch.bfloat16
+    assert_close(out, expected.to(torch.bfloat16), atol=0.05, rtol=0.02)
+    assert_close(head_out, expected_head.to(torch.bfloat16), atol=0.02, rtol=0.02)
+    out.float().sum().backward()
+    assert pool.weight.grad.dtype == torch.float32  # the float32 parameters get their gradients

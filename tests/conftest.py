@@ -8,6 +8,9 @@ hand-computed semantics, the "torch" backend, the extension's ops called directl
     query_attention (query_attention_pool)              test_query_attention.py (wide query heads too)
     both attention kinds: non-finite scores, tokens,    test_attention_nonfinite.py
         scales; zero-width heads
+    linear (linear_pool) modules: LinearPool,           test_linear_modules.py
+        SpladeHead on Hugging Face masked LMs
+        SparseEncoder (SPLADE) swap                     test_sparse_encoder.py
     span (span_pool)                                    test_span.py
         its kernels called directly                     test_span_ext.py (C++), test_span_triton.py
         late chunking (sentence-transformers)           test_late_chunking.py

@@ -11,6 +11,9 @@ sentence-transformers' Pooling as a second base, so the library's own isinstance
 `patch`, loaded, or built by hand. A patched model saves exactly like an unpatched one and loads with
 or without fused_pool.
 
+A SparseEncoder's masked language model followed by SpladePooling is fused too: its (B, L, vocab)
+logits are never built (fused_pool.integrations.sparse_encoder).
+
 `late_chunk(model, documents, chunk_spans)` embeds chunks of long documents with the whole
 document's context (fused_pool.integrations.late_chunking).
 """
@@ -22,6 +25,7 @@ from torch import nn
 
 from ..nn.sentence_pooling import Pooling, sentence_transformers_pooling, with_sentence_transformers_base
 from .late_chunking import late_chunk
+from .sparse_encoder import fuse_splade
 
 __all__ = ["FusedPooling", "late_chunk", "patch"]
 
@@ -33,9 +37,11 @@ _SentenceTransformersPooling = sentence_transformers_pooling()
 
 
 def patch(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Replaces the model's sentence-transformers Pooling modules by fused_pool's, in place."""
+    """Replaces the model's sentence-transformers Pooling modules by fused_pool's and fuses its SPLADE
+    heads (Transformer(fill-mask) + SpladePooling), in place."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _SentenceTransformersPooling) and not isinstance(child, Pooling):
                 setattr(parent, name, Pooling(**child.get_config_dict(), backend=backend))
+    fuse_splade(model, backend)
     return model

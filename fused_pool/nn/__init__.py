@@ -12,9 +12,12 @@
 | LSTMPool(hidden_size, lstm_hidden_size, layer_start=1, base=CLSPool()) | (B, lstm_hidden_size) |
 | Pooling | drop-in for sentence-transformers' Pooling |
 | MAPHead(hidden_size, num_heads, num_probes=1), .from_siglip, .from_aimv2 | (B, H) or (B, P, H) |
+| LinearPool(in_features, out_features, mode="max", activation=None) | (B, out_features), fused |
+| SpladeHead.from_masked_lm(model, pooling="max") | (B, vocab): a masked LM's head, SPLADE |
 """
 
 from .layers import ConcatLayersPool, LSTMPool, WeightedLayerPool
+from .linear import LinearPool, SpladeHead
 from .map_head import MAPHead
 from .pools import (
     AttentionPool,
@@ -35,11 +38,13 @@ __all__ = [
     "DensePooler",
     "LSTMPool",
     "LastTokenPool",
+    "LinearPool",
     "MAPHead",
     "MaxPool",
     "MeanMaxPool",
     "MeanPool",
     "Pooling",
+    "SpladeHead",
     "WeightedLayerPool",
     "WeightedMeanPool",
 ]

@@ -11,6 +11,8 @@ hand-computed semantics, the "torch" backend, the extension's ops called directl
     span (span_pool)                                    test_span.py
         its kernels called directly                     test_span_ext.py (C++), test_span_triton.py
         late chunking (sentence-transformers)           test_late_chunking.py
+    probe_attention (probe_attention_pool)              test_probe_attention.py (with the fold of
+                                                        key projections into probes)
     first_token / last_token                            test_tokens.py
 Across the ops:
     argument checks (ValueError / TypeError naming      test_arguments.py (fused_pool.nn

@@ -192,6 +192,22 @@ def test_shapes(shape, num_probes, backend, device):
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("layout", ["padded", "varlen"])
+def test_zero_hidden(layout, backend, device):
+    """H = 0: (B, P, 0) outputs and a backward that runs, whatever the scale."""
+    gen = make_generator(19)
+    probes = torch.randn(3, 0).to(device)
+    mask, kwargs = None, {}
+    if layout == "padded":
+        x, mask = torch.randn(2, 5, 0).to(device), make_mask("bool", 2, 5, gen).to(device)
+    else:
+        x, kwargs = torch.randn(5, 0).to(device), dict(cu_seqlens=cu_seqlens_of([2, 0, 3], device=device))
+    for scale in (None, 2.0):
+        out, (dx, dprobes) = check_probe(backend, x, probes, mask, scale=scale, **kwargs)
+        assert out.shape == (2 if layout == "padded" else 3, 3, 0) and dx.shape == x.shape
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
 def test_most_probes(backend, device):
     """P = 256, the largest allowed, padded and varlen."""
     gen = make_generator(256)

@@ -70,6 +70,6 @@ def probe_attention_bwd(grad_out, x, probes, mask, cu_seqlens, out, stats, scale
         dx = (p[..., None] * seg.per_token(grad)).sum(-2)
     else:
         dx = torch.einsum("blp,bph->blh", p, grad)
-    dx = dx + ds_scaled @ probes_acc
-    dprobes = ds_scaled.reshape(-1, ds.shape[-1]).T @ xs.reshape(-1, xs.shape[-1])
+    dx = torch.where(seg.keep[..., None], dx + ds_scaled @ probes_acc, 0)  # not 0 * (NaN in probes)
+    dprobes = ds_scaled.flatten(0, -2).T @ xs.flatten(0, -2)  # flatten: H = 0 too
     return dx.to(x.dtype), dprobes.to(probes.dtype)

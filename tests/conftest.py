@@ -14,7 +14,8 @@ hand-computed semantics, the "torch" backend, the extension's ops called directl
     span (span_pool)                                    test_span.py
         its kernels called directly                     test_span_ext.py (C++), test_span_triton.py
         late chunking (sentence-transformers)           test_late_chunking.py
-    probe_attention (probe_attention_pool)
+    probe_attention (probe_attention_pool)              test_probe_attention.py (with the fold of
+                                                        key projections into probes)
         its C++ / CUDA kernels against the reference    test_probe_attention_ext.py
     linear (linear_pool): the C++ ops called directly  test_linear_ext.py
     first_token / last_token                            test_tokens.py

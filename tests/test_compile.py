@@ -1,11 +1,11 @@
 """The fused ops under torch.compile: no graph break, no recompile as shapes change, opcheck; the same
-for the "torch" backend, the token ops and span_pool."""
+for the "torch" backend, the token ops, span_pool and probe_attention_pool."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FUSED, SPAN_BACKENDS, assert_close, cu_seqlens_of
+from helpers import FUSED, SPAN_BACKENDS, assert_close, cu_seqlens_of, kernel_backends
 
 import fused_pool
 from fused_pool.contract import MAX, MEAN, MEAN_MAX
@@ -106,6 +106,57 @@ def test_attention_opcheck(kind, backend, device):
         (x, other, None, None, None, *extra),
         (x, other, mask, None, None, *extra),
         (x[0], tokens_other, None, cu_seqlens, 6, *extra),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+# --- probe_attention_pool -------------------------------------------------------------------------
+
+PROBE_BACKENDS = kernel_backends("probe_attention")
+
+
+@pytest.mark.parametrize("backend, device", PROBE_BACKENDS)
+def test_probe_attention_fullgraph_dynamic_without_recompiling(backend, device):
+    padded = lambda x, p, m: fused_pool.probe_attention_pool(x, p, m, backend=backend)
+    varlen = lambda x, p, cu: fused_pool.probe_attention_pool(x, p, cu_seqlens=cu, backend=backend)
+    torch._dynamo.reset()
+    compiled_padded = torch.compile(padded, fullgraph=True, dynamic=True)
+    compiled_varlen = torch.compile(varlen, fullgraph=True, dynamic=True)
+    # L (and T) change on every call; B, L, T never equal to each other, to P = 5 or to H = 12.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, length in [(3, 9), (3, 17), (4, 7), (6, 26)]:
+            x = torch.randn(batch, length, 12, device=device, requires_grad=True)
+            probes = torch.randn(5, 12, device=device, requires_grad=True)
+            mask = torch.rand(batch, length, device=device) > 0.3
+            for fn, compiled, args in (
+                (padded, compiled_padded, (x, probes, mask)),
+                (
+                    varlen,
+                    compiled_varlen,
+                    (x[0, : length - 1], probes, cu_seqlens_of([2, 0, length - 3], device=device)),
+                ),
+            ):
+                expected = fn(*args)
+                out = compiled(*args)
+                assert_close(out, expected)
+                grads = torch.autograd.grad(out.square().sum(), args[:2])
+                expected_grads = torch.autograd.grad(expected.square().sum(), args[:2])
+                for actual, wanted in zip(grads, expected_grads, strict=True):
+                    assert_close(actual, wanted)
+
+
+@pytest.mark.parametrize("backend, device", PROBE_BACKENDS)
+def test_probe_attention_opcheck(backend, device):
+    op = kernels(backend, "probe_attention").forward_op
+    x = torch.randn(3, 10, 8, device=device, requires_grad=True)
+    probes = torch.randn(4, 8, device=device, requires_grad=True)
+    mask = torch.rand(3, 10, device=device) > 0.3
+    for args in [
+        (x, probes, None, None, None, 0.5),
+        (x, probes, mask, None, None, 0.5),
+        (x, probes, mask.float(), None, None, 0.35),
+        (x[0], probes, None, cu_seqlens_of([4, 0, 6], device=device), None, 0.5),
+        (x[0], probes, None, cu_seqlens_of([4, 0, 6], torch.int64, device=device), 6, 0.5),
     ]:
         torch.library.opcheck(op, args)
 

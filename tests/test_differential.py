@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from helpers import ERROR_FLOOR, assert_close, outputs_and_grads
+from helpers import ERROR_FLOOR, assert_close, kernel_backends, outputs_and_grads
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
@@ -29,6 +29,7 @@ from fused_pool.backends import unavailable_reason
 POOL_OPS = ("masked_mean", "masked_max", "masked_mean_max")
 ATTENTION_OPS = ("attention_pool", "query_attention_pool")
 TOKEN_OPS = ("first_token", "last_token")  # one gather on every backend: no backend argument
+PROBE_OPS = ("probe_attention_pool",)  # on the backends that have its kernels (kernel_backends)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64)
 
@@ -44,6 +45,9 @@ CATEGORIES = (
 
 # Examples per test item. The Triton interpreter costs ~0.1 s a call: its cases are small and few.
 EXAMPLES = {"cpu": 20, "torch": 20, "triton": 10, None: 15}
+# probe_attention_pool's items take half as many (test_probe_attention.py covers its paths): the
+# file's budget grows by a tenth, not a fifth.
+EXAMPLES_SHARE = {"probe_attention_pool": 0.5}
 # Triton's interpreter is slow: keep its shapes small.
 MAX_LENGTH = {"triton": 9}
 MAX_HIDDEN = {"triton": 16}
@@ -104,7 +108,8 @@ class Case:
     other_dtype: torch.dtype | None = None  # scores / query
     other_view: View | None = None
     score_scale: float = 1.0
-    scale: float | None = None  # query_attention_pool's scale
+    scale: float | None = None  # query_attention_pool's / probe_attention_pool's scale
+    probes: int = 0  # probe_attention_pool's P
     nan_padding: bool = False
     cu_dtype: torch.dtype = torch.int32
     cu_step: int = 1  # cu_seqlens is every cu_step-th element of a storage filled with garbage
@@ -176,6 +181,9 @@ def build(case: Case) -> dict:
     elif case.op == "query_attention_pool":
         shape = (case.heads, hidden // case.heads) if case.heads > 1 or case.heads_dim else (hidden,)
         other = materialize(shape, case.other_view, lambda n: _fill(gen, n, case.other_dtype, case.ties))
+    elif case.op == "probe_attention_pool":
+        fill = lambda n: _fill(gen, n, case.other_dtype, case.ties)
+        other = materialize((case.probes, hidden), case.other_view, fill)
 
     if case.nan_padding and mask is not None:
         dropped = mask == 0
@@ -195,7 +203,8 @@ def build(case: Case) -> dict:
 
     out_hidden = 2 * hidden if case.op == "masked_mean_max" else hidden
     num_seqs = len(case.lengths) if case.varlen else case.batch
-    grad = torch.randn(num_seqs, out_hidden, generator=gen).to(case.dtype)
+    out_shape = (num_seqs, case.probes, hidden) if case.op in PROBE_OPS else (num_seqs, out_hidden)
+    grad = torch.randn(out_shape, generator=gen).to(case.dtype)
     return dict(x=x, other=other, mask=mask, cu_seqlens=cu_seqlens, grad=grad)
 
 
@@ -224,7 +233,7 @@ def call(module, case: Case, x, other, mask, cu_seqlens):
         kwargs["max_seqlen"] = case.max_seqlen
         if module is fused_pool:
             kwargs["backend"] = case.backend
-    if case.op == "query_attention_pool":
+    if case.op in ("query_attention_pool", *PROBE_OPS):
         kwargs["scale"] = case.scale
     args = (x, mask) if other is None else (x, other, mask)
     return fn(*args, **kwargs)
@@ -283,9 +292,10 @@ def check_case(case: Case) -> None:
         assert_close(grads[0], exact_grads[0].to(case.dtype), msg=lambda m: f"dx: {m}")
         return
     _, low_grads = reference_outputs_and_grads(lambda *a: run(reference, *a), inputs, grad)
-    # dquery sums over every token, in another order than the reference: its floor grows as sqrt(T).
+    # dquery / dprobes sum over every token, in another order than the reference: their floor grows
+    # as sqrt(T).
     num_tokens = x.shape[:-1].numel()
-    terms = (1, num_tokens if case.op == "query_attention_pool" else 1)
+    terms = (1, num_tokens if case.op in ("query_attention_pool", *PROBE_OPS) else 1)
     for name, actual, low, exact, source, n in zip(
         ("dx", "dother"), grads, low_grads, exact_grads, inputs, terms, strict=False
     ):
@@ -401,10 +411,20 @@ def cases(draw, category: str, backend: str | None, op: str) -> Case:
         else:
             changes["other_view"] = draw(views(1 + several, strided, False))
             changes["scale"] = draw(st.sampled_from([None, 0.5, 0.0, -2.0]))
+    elif op in PROBE_OPS:
+        changes.update(
+            probes=draw(st.sampled_from([1, 2, 3, 7, 16])),
+            other_dtype=draw(st.sampled_from([dtype, *FLOAT_DTYPES])),
+            other_view=draw(views(2, strided, expand)),
+            scale=draw(st.sampled_from([None, 0.5, 0.0, -2.0])),
+        )
     return dataclasses.replace(case, **changes)
 
 
 # --- The tests ---------------------------------------------------------------------------------
+
+
+PROBE_BACKENDS = [p.values[0] for p in kernel_backends("probe_attention") if p.values[1] == "cpu"]
 
 
 def items():
@@ -412,6 +432,8 @@ def items():
         for backend in cpu_backends():
             for op in (*POOL_OPS, *ATTENTION_OPS):
                 yield category, backend, op
+            if backend in PROBE_BACKENDS:
+                yield from ((category, backend, op) for op in PROBE_OPS)
         for op in TOKEN_OPS:
             yield category, None, op
 
@@ -432,7 +454,7 @@ def test_matches_reference(category, backend, op):
     phases = (Phase.explicit, Phase.generate) if known else tuple(Phase)
 
     @settings(
-        max_examples=EXAMPLES[backend],
+        max_examples=max(1, int(EXAMPLES[backend] * EXAMPLES_SHARE.get(op, 1.0))),
         deadline=None,
         derandomize=True,
         database=None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FUSED, assert_close, cu_seqlens_of
+from helpers import FUSED, assert_close, cu_seqlens_of, kernel_backends
 
 import fused_pool
 import fused_pool.distributed as fd
@@ -149,6 +149,66 @@ def test_retain_graph_first_order_twice(backend):
     for a, b, want in zip(first, second, expected, strict=True):
         assert torch.equal(a, b)
         assert_close(a, want)
+
+
+# --- probe_attention_pool ---------------------------------------------------------------------------
+
+PROBE_BACKENDS = [
+    pytest.param(p.values[0], id=p.values[0])
+    for p in kernel_backends("probe_attention")
+    if p.values[1] == "cpu"
+]
+
+
+def _probe_inputs(varlen: bool):
+    """(x, probes, the call's keyword arguments), float64."""
+    gen = torch.Generator().manual_seed(23 + varlen)
+    x = torch.randn(*((11,) if varlen else (3, 5)), 8, generator=gen, dtype=torch.float64)
+    probes = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    kwargs = (
+        dict(cu_seqlens=cu_seqlens_of([3, 0, 8]))
+        if varlen
+        else dict(mask=torch.rand(3, 5, generator=gen) > 0.3)
+    )
+    return x.requires_grad_(), probes.requires_grad_(), kwargs
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+@pytest.mark.parametrize("backend", PROBE_BACKENDS)
+def test_probe_attention_double_backward_raises(backend, varlen):
+    """Eager: first-order gradients (with a graph, of a nonlinear loss and of a constant upstream
+    gradient) equal the reference's; differentiating them raises."""
+    x, probes, kwargs = _probe_inputs(varlen)
+    wrt = (x, probes)
+    out = _call(fused_pool.probe_attention_pool, x, probes, kwargs, backend=backend)
+    grads = _first_order(out, wrt)
+    for grad, want in zip(
+        grads, _first_order(_call(reference.probe_attention_pool, x, probes, kwargs), wrt), strict=True
+    ):
+        assert_close(grad, want)
+    constant_upstream = torch.autograd.grad(out.sum(), wrt, create_graph=True)
+    for grad in (*grads, *constant_upstream):
+        with pytest.raises(RuntimeError, match=MESSAGE):
+            torch.autograd.grad(grad.pow(2).sum(), wrt, allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", PROBE_BACKENDS)
+def test_probe_attention_registered_and_compiled_double_backward_raise(backend):
+    """The registered op (torch.ops and torch.compile's path) and a compiled call."""
+    x, probes, kwargs = _probe_inputs(varlen=False)
+    wrt = (x, probes)
+    op = kernels(backend, "probe_attention").forward_op
+    out = op(x, probes, kwargs["mask"], None, None, 0.5)[0]
+    assert_close(out, reference.probe_attention_pool(x, probes, kwargs["mask"], scale=0.5))
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda a, b: fused_pool.probe_attention_pool(a, b, kwargs["mask"], backend=backend), fullgraph=True
+    )
+    for result in (out, compiled(x, probes)):
+        grads = _first_order(result, wrt)
+        for grad in grads:
+            with pytest.raises(RuntimeError, match=MESSAGE):
+                torch.autograd.grad(grad.pow(2).sum(), wrt, allow_unused=True)
 
 
 @pytest.fixture

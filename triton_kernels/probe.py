@@ -27,7 +27,8 @@ from .launch import (
 from .probe_kernels import probe_bwd_kernel, probe_fwd_kernel
 from .split_plan import geometry, plan_split
 
-# Elements of a program's (probes, channels) accumulator: 32 float32 registers a thread at 8 warps.
+# Elements of a program's (probes, channels) accumulator for 2-byte x: 32 float32 registers a thread at
+# 8 warps. 4-byte x (float32 dots run as tf32x3, operands split in two) gets half as many channels.
 ACCUMULATOR_ELEMENTS = 8192
 # Probes a forward program scores at once (more: several probe blocks).
 MAX_FORWARD_PROBES = 64
@@ -50,35 +51,42 @@ def _dot_dtype(dtype: torch.dtype):
     return _DOT_DTYPES[dtype]
 
 
+def _budget(dtype: torch.dtype) -> int:
+    """Tile elements of a (probes, channels) or (probes, K slice) block for x of this dtype."""
+    return ACCUMULATOR_ELEMENTS if dtype.itemsize <= 2 else ACCUMULATOR_ELEMENTS // 2
+
+
 def _channel_tiling(hidden: int, largest: int) -> tuple[int, int]:
     """(BLOCK_H, blocks): the fewest channel blocks of at most `largest` channels, each a power of two."""
     blocks = triton.cdiv(max(hidden, 1), largest)
     return max(16, triton.next_power_of_2(triton.cdiv(max(hidden, 1), blocks))), blocks
 
 
-def forward_blocks(num_probes: int, hidden: int) -> dict:
+def forward_blocks(num_probes: int, hidden: int, dtype: torch.dtype) -> dict:
     """BLOCK_P, BLOCK_H, BLOCK_T, BLOCK_K of the forward; probe and channel blocks per chunk."""
+    budget = _budget(dtype)
     block_p = min(MAX_FORWARD_PROBES, max(16, triton.next_power_of_2(num_probes)))
-    block_h, channel_blocks = _channel_tiling(hidden, ACCUMULATOR_ELEMENTS // block_p)
+    block_h, channel_blocks = _channel_tiling(hidden, max(16, budget // block_p))
     return dict(
         BLOCK_P=block_p,
         BLOCK_H=block_h,
         BLOCK_T=32,
-        BLOCK_K=64,
+        BLOCK_K=max(16, min(64, budget // 2 // block_p)),
         probe_blocks=triton.cdiv(num_probes, block_p),
         channel_blocks=channel_blocks,
     )
 
 
-def backward_blocks(num_probes: int, hidden: int) -> dict:
-    """The backward holds every probe: BLOCK_P = P (rounded up), channels as the accumulator allows."""
+def backward_blocks(num_probes: int, hidden: int, dtype: torch.dtype) -> dict:
+    """The backward holds every probe: BLOCK_P = P (rounded up), channels as the budget allows."""
+    budget = _budget(dtype)
     block_p = max(16, triton.next_power_of_2(num_probes))
-    block_h, channel_blocks = _channel_tiling(hidden, max(16, ACCUMULATOR_ELEMENTS // block_p))
+    block_h, channel_blocks = _channel_tiling(hidden, max(16, budget // block_p))
     return dict(
         BLOCK_P=block_p,
         BLOCK_H=block_h,
-        BLOCK_T=32 if block_p <= 64 else 16,
-        BLOCK_K=max(16, min(64, 2048 // block_p)),
+        BLOCK_T=16,
+        BLOCK_K=max(16, min(64, budget // 4 // block_p)),
         channel_blocks=channel_blocks,
     )
 
@@ -126,7 +134,7 @@ def _forward(x, probes, mask, cu_seqlens, max_seqlen, scale):
     stats = torch.empty(num_seqs, num_probes, 2, dtype=acc, device=x.device)
     if num_seqs == 0 or hidden == 0:
         return out, stats.zero_()
-    blocks = forward_blocks(num_probes, hidden)
+    blocks = forward_blocks(num_probes, hidden, x.dtype)
     per_chunk = blocks["probe_blocks"] * blocks["channel_blocks"]
     plan = plan_split(num_seqs, num_rows, longest, per_chunk, blocks["BLOCK_T"], x.device, cu_seqlens)
     part_m, part_l, part_acc = (
@@ -201,7 +209,7 @@ def _backward(grad_out, x, probes, mask, cu_seqlens, out, stats, scale):
     # The gradient in x's dtype, as the dots read it, and g_p . out_p from that same gradient.
     grad = grad_out.to(x.dtype).contiguous()
     grad_dot_out = (grad.to(out.dtype) * out).sum(-1)
-    blocks = backward_blocks(num_probes, hidden)
+    blocks = backward_blocks(num_probes, hidden, x.dtype)
     channel_blocks = blocks["channel_blocks"]
     plan = plan_split(num_seqs, num_rows, longest, channel_blocks, blocks["BLOCK_T"], x.device, cu_seqlens)
     dprobes_parts = torch.empty(plan.num_chunks, num_probes, hidden, dtype=out.dtype, device=x.device)

@@ -17,26 +17,34 @@ import triton.language as tl
 from ..contract import accumulation_dtype
 from .attention_kernels import attention_combine_kernel
 from .launch import (
-    TILE_WARPS,
     channel_block,
     kernel_cu_seqlens,
     kernel_mask,
     launches_on_input_device,
+    tile_launch,
     triton_accumulator,
 )
 from .probe_kernels import probe_bwd_kernel, probe_fwd_kernel
 from .split_plan import geometry, plan_split
 
 # Elements of a program's (probes, channels) accumulator for 2-byte x: 32 float32 registers a thread at
-# 8 warps. 4-byte x (float32 dots run as tf32x3, operands split in two) gets half as many channels.
+# 8 warps. 4-byte x (float32 dots run as tf32x3, each operand split in two) gets a quarter of that and
+# forward token tiles of 16: with half, ptxas used all 255 registers and spilled up to 328 bytes.
 ACCUMULATOR_ELEMENTS = 8192
+# 8 warps and every register a thread can have, as a budget: without one, ptxas picked an occupancy
+# tier itself and spilled at its edge (24 bytes at 128 registers, sm_90 float32 backward).
+PROBE_LAUNCH = tile_launch(255)
 # Probes a forward program scores at once (more: several probe blocks).
 MAX_FORWARD_PROBES = 64
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 dots as tf32x3 (float32 accuracy on tensor cores); others take their own type."""
-    return "tf32x3" if dtype == torch.float32 else "ieee"
+def _dot_precision(dtype: torch.dtype, num_probes: int = 1, backward: bool = False) -> str:
+    """float32 dots as tf32x3 (float32 accuracy on tensor cores); others take their own type. The
+    float32 backward of more than 16 probes takes plain float32 dots: its tf32x3 operand splits
+    spilled on sm_80 at 255 registers."""
+    if dtype != torch.float32 or (backward and num_probes > 16):
+        return "ieee"
+    return "tf32x3"
 
 
 _DOT_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16}
@@ -53,7 +61,7 @@ def _dot_dtype(dtype: torch.dtype):
 
 def _budget(dtype: torch.dtype) -> int:
     """Tile elements of a (probes, channels) or (probes, K slice) block for x of this dtype."""
-    return ACCUMULATOR_ELEMENTS if dtype.itemsize <= 2 else ACCUMULATOR_ELEMENTS // 2
+    return ACCUMULATOR_ELEMENTS if dtype.itemsize <= 2 else ACCUMULATOR_ELEMENTS // 4
 
 
 def _channel_tiling(hidden: int, largest: int) -> tuple[int, int]:
@@ -70,7 +78,7 @@ def forward_blocks(num_probes: int, hidden: int, dtype: torch.dtype) -> dict:
     return dict(
         BLOCK_P=block_p,
         BLOCK_H=block_h,
-        BLOCK_T=32,
+        BLOCK_T=32 if dtype.itemsize <= 2 else 16,
         BLOCK_K=max(16, min(64, budget // 2 // block_p)),
         probe_blocks=triton.cdiv(num_probes, block_p),
         channel_blocks=channel_blocks,
@@ -173,7 +181,7 @@ def _forward(x, probes, mask, cu_seqlens, max_seqlen, scale):
         DOT_DTYPE=_dot_dtype(x.dtype),
         DOT_PRECISION=_dot_precision(x.dtype),
         **blocks,
-        num_warps=TILE_WARPS,
+        **PROBE_LAUNCH,
     )
     if plan.split:
         # Probe p is head p of a (B, P * H) output with heads of H channels.
@@ -244,9 +252,9 @@ def _backward(grad_out, x, probes, mask, cu_seqlens, out, stats, scale):
         SPLIT=plan.split,
         ACC_DTYPE=triton_accumulator(out.dtype),
         DOT_DTYPE=_dot_dtype(x.dtype),
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=_dot_precision(x.dtype, num_probes, backward=True),
         **blocks,
-        num_warps=TILE_WARPS,
+        **PROBE_LAUNCH,
     )
     # Fixed-order sum of the per-chunk partials: deterministic, no atomics.
     return dx, dprobes_parts.sum(0).to(probes.dtype)

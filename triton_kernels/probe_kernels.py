@@ -18,7 +18,8 @@ dx_t = sum_p p g_p + scale ds probes_p for its channels (two dots over the probe
 dprobes, scale sum_t ds x_t, goes to a per-program partial that the launcher sums in a fixed order.
 
 Dot operands are in x's dtype (probes, p and the gradient rounded to it for bf16 / fp16), products
-accumulate in float32 (float64 for float64 x); float32 dots run as tf32x3 (float32 accuracy).
+accumulate in float32 (float64 for float64 x); float32 dots run as tf32x3 (float32 accuracy), or as
+plain float32 in the backward of more than 16 probes (probe.py: registers).
 """
 
 import triton

@@ -17,6 +17,7 @@ import triton.language as tl
 from ..contract import accumulation_dtype
 from .attention_kernels import attention_combine_kernel
 from .launch import (
+    TILE_WARPS,
     channel_block,
     kernel_cu_seqlens,
     kernel_mask,
@@ -31,9 +32,11 @@ from .split_plan import geometry, plan_split
 # 8 warps. 4-byte x (float32 dots run as tf32x3, each operand split in two) gets a quarter of that and
 # forward token tiles of 16: with half, ptxas used all 255 registers and spilled up to 328 bytes.
 ACCUMULATOR_ELEMENTS = 8192
-# 8 warps and every register a thread can have, as a budget: without one, ptxas picked an occupancy
-# tier itself and spilled at its edge (24 bytes at 128 registers, sm_90 float32 backward).
-PROBE_LAUNCH = tile_launch(255)
+# 8 warps. The backward also gets every register a thread can have as a budget: without one, ptxas
+# picked an occupancy tier itself and spilled at its edge (24 bytes at 128 registers, sm_90 float32);
+# the forward does better without (with it, Triton 3.9's sm_90 bf16 forward of 64 probes spilled).
+FORWARD_LAUNCH = dict(num_warps=TILE_WARPS)
+BACKWARD_LAUNCH = tile_launch(255)
 # Probes a forward program scores at once (more: several probe blocks).
 MAX_FORWARD_PROBES = 64
 
@@ -181,7 +184,7 @@ def _forward(x, probes, mask, cu_seqlens, max_seqlen, scale):
         DOT_DTYPE=_dot_dtype(x.dtype),
         DOT_PRECISION=_dot_precision(x.dtype),
         **blocks,
-        **PROBE_LAUNCH,
+        **FORWARD_LAUNCH,
     )
     if plan.split:
         # Probe p is head p of a (B, P * H) output with heads of H channels.
@@ -254,7 +257,7 @@ def _backward(grad_out, x, probes, mask, cu_seqlens, out, stats, scale):
         DOT_DTYPE=_dot_dtype(x.dtype),
         DOT_PRECISION=_dot_precision(x.dtype, num_probes, backward=True),
         **blocks,
-        **PROBE_LAUNCH,
+        **BACKWARD_LAUNCH,
     )
     # Fixed-order sum of the per-chunk partials: deterministic, no atomics.
     return dx, dprobes_parts.sum(0).to(probes.dtype)

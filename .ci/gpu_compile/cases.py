@@ -40,6 +40,12 @@ SPAN_LAYOUTS = ("spans", "one_token")
 MANY_SPANS = 4096
 
 
+# probe_attention_pool (op "probe_attention"): H channels (Case.size), P probes (Case.heads).
+PROBE_SIZES = (768, 1152)
+PROBE_COUNTS = (1, 16, 64)
+PROBE_MASKS = ("none", "bool")
+
+
 class Case(NamedTuple):
     op: str  # mean | max | mean_max | attention | query_attention | span_<mode> | <mode>_states
     layout: str  # padded | varlen; span ops: spans | one_token
@@ -51,6 +57,8 @@ class Case(NamedTuple):
 
     def label(self) -> str:
         size = f"H={self.size}" if self.heads == 0 else f"D={self.size} nh={self.heads}"
+        if self.op == "probe_attention":
+            size = f"H={self.size} P={self.heads}"
         split = "split" if self.split else "nosplit"
         return f"{self.op} {self.layout} mask={self.mask} {split} {self.dtype} {size}"
 
@@ -77,6 +85,7 @@ def all_cases() -> list[Case]:
         ):
             if layout == "padded" or mask == "none":
                 cases.append(Case(op, layout, mask, split, dtype, size, 0))
+    cases += _probe_cases()
     return cases
 
 
@@ -97,7 +106,7 @@ def inputs(case: Case):
     x is allocated, never filled: the kernels are compiled, not run (the memory stays virtual).
     """
     dtype = DTYPES[case.dtype]
-    hidden = case.size * max(case.heads, 1)
+    hidden = case.size if case.op == "probe_attention" else case.size * max(case.heads, 1)
     kwargs = {}
     if case.op.startswith("span_"):
         return _span_inputs(case, dtype, hidden)
@@ -124,6 +133,9 @@ def inputs(case: Case):
     if case.op in POOL_MODES:
         name = {"mean": "masked_mean", "max": "masked_max", "mean_max": "masked_mean_max"}[case.op]
         return name, (x, mask), kwargs, (x,)
+    if case.op == "probe_attention":
+        probes = torch.empty(case.heads, hidden, dtype=dtype, requires_grad=True)
+        return "probe_attention_pool", (x, probes, mask), kwargs, (x, probes)
     if case.op == "attention":
         shape = tokens if case.heads == 1 else (*tokens, case.heads)
         scores = torch.empty(shape, dtype=dtype, requires_grad=True)
@@ -147,3 +159,17 @@ def _span_inputs(case: Case, dtype: torch.dtype, hidden: int):
     x = torch.empty(tokens, hidden, dtype=dtype, requires_grad=True)
     mask = _mask(case.mask, (tokens,), dtype)
     return "span_pool", (x, spans, mask), {"mode": case.op.removeprefix("span_")}, (x,)
+
+
+# --- probe_attention_pool (issue 23) ---------------------------------------------------------------
+
+
+def _probe_cases() -> list[Case]:
+    """Padded (masks none / bool) and varlen, split and not, fp32 / bf16, H x P."""
+    cases = []
+    for layout, mask, split, dtype, size, probes in itertools.product(
+        ("padded", "varlen"), PROBE_MASKS, (True, False), DTYPES, PROBE_SIZES, PROBE_COUNTS
+    ):
+        if layout == "padded" or mask == "none":
+            cases.append(Case("probe_attention", layout, mask, split, dtype, size, probes))
+    return cases

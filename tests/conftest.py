@@ -17,6 +17,7 @@ hand-computed semantics, the "torch" backend, the extension's ops called directl
     probe_attention (probe_attention_pool)              test_probe_attention.py (with the fold of
                                                         key projections into probes)
         its C++ / CUDA kernels against the reference    test_probe_attention_ext.py
+        its Triton kernels called directly              test_probe_attention_triton.py
     linear (linear_pool): the C++ ops called directly  test_linear_ext.py
     first_token / last_token                            test_tokens.py
 Across the ops:

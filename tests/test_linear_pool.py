@@ -94,8 +94,7 @@ def _not_kept(x, mask, cu_seqlens):
     starts, ends = reference._segment_bounds(cu_seqlens.cpu(), tokens)
     for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
         inside[start:end] = True
-    if mask is not None:
-        inside &= mask.cpu() != 0
+    inside &= True if mask is None else mask.cpu() != 0
     return (~inside).reshape(x.shape[:-1])
 
 
@@ -264,11 +263,17 @@ def test_degenerate_sizes(mode, backend, device):
     gen = make_generator(stable_seed("degenerate", mode))
     # (x shape, N, varlen lengths or None)
     cases = [((0, 5, 4), 6, None), ((2, 0, 4), 6, None), ((2, 5, 4), 0, None), ((2, 5, 0), 6, None)]
-    for shape, features, lengths in [*cases, ((0, 4), 6, [0, 0]), ((7, 4), 6, [])]:
+    for shape, features, lengths in [*cases, ((7, 4), 6, [])]:
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
         weight, bias = make_projection(shape[-1], features, gen)
         kwargs = {} if lengths is None else dict(cu_seqlens=cu_seqlens_of(lengths))
         check_linear(backend, device, x, weight, bias, mode=mode, activation="gelu", **kwargs)
+    # T = 0 (where the reference's output is no function of x): zeros, and zero gradients.
+    cu_seqlens = cu_seqlens_of([0, 0], device=device)
+    call = lambda *t: fused_pool.linear_pool(*t, cu_seqlens=cu_seqlens, mode=mode, backend=backend)
+    leaves = [torch.randn(0, 4, device=device), weight.float().to(device), bias.float().to(device)]
+    out, grads = outputs_and_grads(call, leaves, torch.ones(2, 6, device=device), poisoned=True)
+    assert out.shape == (2, 6) and not out.any() and not any(g.any() for g in grads)
 
 
 @backends
@@ -295,19 +300,14 @@ def test_non_contiguous_inputs(mode, backend, device):
 @backends
 @pytest.mark.parametrize("mode", MODES)
 def test_bias_none(mode, backend, device):
-    """No bias: against the reference, and equal to a zero bias (output and gradients)."""
+    """No bias: against the reference, and equal to a zero bias."""
     gen = make_generator(stable_seed("bias_none", mode))
-    x = torch.randn(3, 10, 12, generator=gen, dtype=torch.float64)
-    mask = make_mask("bool", 3, 10, gen)
-    weight, _ = make_projection(12, 17, gen, bias=False)
-    x = poison_padding(x, mask)
-    out, grads = check_linear(backend, device, x, weight, None, mask, mode=mode, activation="relu")
-    zero_out, zero_grads = check_linear(
-        backend, device, x, weight, torch.zeros(17, dtype=torch.float64), mask, mode=mode, activation="relu"
-    )
-    assert_close(out, zero_out)
-    assert_close(grads[0], zero_grads[0])
-    assert_close(grads[1], zero_grads[1])
+    x, mask = torch.randn(3, 10, 12, generator=gen, dtype=torch.float64), make_mask("bool", 3, 10, gen)
+    weight, zero = make_projection(12, 17, gen)[0], torch.zeros(17, dtype=torch.float64)
+    out, grads = check_linear(backend, device, poison_padding(x, mask), weight, None, mask, mode=mode)
+    zero_out, zero_grads = check_linear(backend, device, x, weight, zero, mask, mode=mode)
+    for actual, expected in zip([out, *grads], [zero_out, *zero_grads[:2]], strict=True):
+        assert_close(actual, expected)
 
 
 @backends
@@ -422,7 +422,7 @@ def test_fullgraph_dynamic_without_recompiling(mode, backend, device):
     with torch._dynamo.config.patch(error_on_recompile=True):
         for batch, length in [(2, 9), (3, 17), (5, 4), (2, 30)]:
             mask = (torch.rand(batch, length, generator=gen) > 0.3).to(device)
-            cu_seqlens = cu_seqlens_of(list(range(length % 5, length % 5 + batch)), device=device)
+            cu_seqlens = cu_seqlens_of(list(range(length % 5 + 1, length % 5 + 1 + batch)), device=device)
             grad = torch.randn(batch, 7, generator=gen).to(device)
             for fn, shape, structure in [
                 (padded, (batch, length), mask),

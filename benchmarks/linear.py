@@ -9,6 +9,7 @@ Providers, each a function of (x, weight, bias) on the same padded inputs:
   on the device; "torch" is the chunked PyTorch backend; Triton's CPU interpreter is not timed);
 - `torch:eager`: the unfused code, `F.linear`, the activation, then the masked max or sum;
 - `torch:compile`: torch.compile of that code (not in --quick: compiling costs minutes on 2 cores);
+  in --quick also no `st:splade_chunked` (its one case is a single chunk long);
 - `st:splade` / `st:splade_chunked`: sentence-transformers' SpladePooling on the logits `F.linear`
   gives, as SparseEncoder models run it (its activation_function "relu" is log(1 + relu z)), without
   and with `chunk_size`; eval mode (in-place) for the forward, train mode for forward + backward.
@@ -36,7 +37,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import measure  # noqa: E402
-from cases import _padded_lengths  # noqa: E402
 
 import fused_pool  # noqa: E402
 from fused_pool.backends import extension, unavailable_reason  # noqa: E402
@@ -89,7 +89,11 @@ class Inputs:
 
 def make_inputs(case: LinearCase, dtype: torch.dtype, device: str, seed: int = 0) -> Inputs:
     gen = torch.Generator().manual_seed(seed)
-    lengths = _padded_lengths(case.batch, case.length, case.kept_fraction, gen)
+    # Lengths evenly spread around kept_fraction * L (as wide as [1, L] allows), so that exactly that
+    # fraction is kept even in a small batch.
+    mean = case.kept_fraction * case.length
+    half_width = min(mean - 1, case.length - mean)
+    lengths = torch.linspace(mean - half_width, mean + half_width, case.batch).round().long()
     x = torch.randn(case.batch, case.length, case.hidden, generator=gen)
     weight = torch.randn(case.features, case.hidden, generator=gen) * case.hidden**-0.5
     bias = torch.randn(case.features, generator=gen) * 0.5 - 1  # most logits negative, as an MLM head's
@@ -137,8 +141,8 @@ def providers(device: str, quick: bool) -> list[str]:
         if usable and present and not interpreted:
             names.append(f"fused_pool:{backend}")
     names += ["torch:eager"] + ([] if quick else ["torch:compile"])
-    if _splade_pooling_class() is not None:
-        names += ["st:splade", "st:splade_chunked"]
+    if _splade_pooling_class() is not None:  # --quick: L = 32, one chunk: no chunked peer
+        names += ["st:splade"] + ([] if quick else ["st:splade_chunked"])
     return names
 
 

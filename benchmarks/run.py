@@ -4,6 +4,9 @@
     python benchmarks/run.py                  # full sweep (CUDA when present)
     python benchmarks/run.py --device cpu --ops masked_mean attention_pool --dtypes float32
 
+linear_pool (SPLADE heads) gets rows of its own from benchmarks/linear.py (its CSV, table and docstring:
+TFLOP/s and % of torch.matmul instead of GB/s).
+
 Writes one CSV per run to --out (default benchmarks/results/), named by device, date and time, plots
 next to it (matplotlib), and prints a table. Every row names where it was measured: the device (GPU
 name, or CPU model and the cores this process may use), torch / triton / CUDA / Python versions,

@@ -68,7 +68,7 @@ class LinearCase:
 
 def sweep(device: str, quick: bool) -> list[LinearCase]:
     if quick:  # small enough for run.py --quick on 2 cores
-        return [LinearCase(4, 32, 768, 30522)]
+        return [LinearCase(2, 32, 768, 30522)]
     cases = [LinearCase(8, 128, 768, 30522)]  # the CPU target (BERT vocabulary, 20% padding)
     if device == "cuda":
         cases += [LinearCase(32, 256, 768, 30522), LinearCase(64, 512, 1024, 50265)]

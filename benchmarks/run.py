@@ -4,6 +4,9 @@
     python benchmarks/run.py                  # full sweep (CUDA when present)
     python benchmarks/run.py --device cpu --ops masked_mean attention_pool --dtypes float32
 
+linear_pool (SPLADE heads) gets rows of its own from benchmarks/linear.py (its CSV, table and docstring:
+TFLOP/s and % of torch.matmul instead of GB/s).
+
 Writes one CSV per run to --out (default benchmarks/results/), named by device, date and time, plots
 next to it (matplotlib), and prints a table. Every row names where it was measured: the device (GPU
 name, or CPU model and the cores this process may use), torch / triton / CUDA / Python versions,
@@ -27,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cases as case_sets  # noqa: E402
+import linear  # noqa: E402
 import measure  # noqa: E402
 import providers as provider_set  # noqa: E402
 
@@ -74,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
-    parser.add_argument("--ops", nargs="+", choices=case_sets.OPS, default=list(case_sets.OPS))
+    ops = (*case_sets.OPS, "linear_pool")  # linear_pool: rows of their own (benchmarks/linear.py)
+    parser.add_argument("--ops", nargs="+", choices=ops, default=list(ops))
     parser.add_argument(
         "--dtypes",
         nargs="+",
@@ -209,7 +214,7 @@ def jobs_for(args, names):
     modes = args.modes or (["fwd", "fwd+bwd"] if args.quick else list(case_sets.MODES))
     for case in sweep:
         for dtype in dtypes:
-            for op in args.ops:
+            for op in (op for op in args.ops if op != "linear_pool"):
                 for mode in modes:
                     for provider in names:
                         if not provider_set.supports(provider, op, case.layout):
@@ -278,6 +283,17 @@ def main() -> None:
             }
         )
 
+    if rows:
+        write_report(rows, args, env)
+    if "linear_pool" in args.ops:
+        dtypes = [DTYPES[d] for d in args.dtypes or []]
+        linear_rows = linear.run(device, args.quick, budget, env, args.providers, dtypes, args.modes)
+        print(f"\nwrote {linear.write_csv(linear_rows, args.out, env, args.quick)}")
+        linear.print_table(linear_rows)
+
+
+def write_report(rows: list[dict], args: argparse.Namespace, env: dict[str, str]) -> None:
+    """The CSV of the pooling ops' rows, their table and plots."""
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
     while "--" in slug:

@@ -307,8 +307,12 @@ def linear_pool(
     if mode == "max":
         if values.shape[1] == 0:  # no positions at all: every sequence is empty
             return (values.sum(1) * 0).to(x.dtype)
-        position = _first_max_position(values.detach(), kept)
-        picked = values.gather(1, position[:, None, :]).squeeze(1)
+        position = _first_max_position(values.detach(), kept)  # (B, N)
+        # The winners' values recomputed from their rows, so that the gradient reaches only them:
+        # the (B, L, N) product's backward would also spread 0 * NaN (or 0 * inf) from the others.
+        winners = xs.gather(1, position[..., None].expand(-1, -1, xs.shape[-1]))  # (B, N, H)
+        z = (winners * weight.to(acc)).sum(-1)
+        picked = ACTIVATION_FUNCTIONS[activation](z if bias is None else z + bias.to(acc))
         return torch.where(kept.any(1, keepdim=True), picked, 0).to(x.dtype)
     total = torch.where(kept[..., None], values * weights[..., None], 0).sum(1)
     if mode == "sum":

@@ -10,6 +10,8 @@ count back to the host once per call. Deterministic on CPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,12 +43,29 @@ def _activation(code: int):
     return _ACTIVATIONS[ACTIVATIONS[code]]
 
 
+def _positive(z: Tensor, value: Tensor) -> Tensor:
+    """value where z > 0, else 0 (NaN z keeps value), as torch's relu backward (threshold_backward)."""
+    return torch.where(z <= 0, 0, value)
+
+
+# act'(z) in closed form, as each activation's autograd formula gives it (also at z = 0 and NaN). Not
+# autograd itself: the backward runs inside a custom op under torch.compile, where nothing records.
+_DERIVATIVES = {
+    "none": lambda z: torch.ones_like(z),
+    "relu": lambda z: _positive(z, torch.ones_like(z)),
+    "log1p_relu": lambda z: _positive(z, 1 / (1 + torch.relu(z))),
+    "log1p_log1p_relu": lambda z: _positive(z, 1 / ((1 + torch.relu(z)) * (1 + _log1p_relu(z)))),
+    "gelu": lambda z: (
+        0.5 * (1 + torch.erf(z * 0.5**0.5)) + z * torch.exp(-0.5 * z * z) * (2 * math.pi) ** -0.5
+    ),
+    "tanh": lambda z: 1 - torch.tanh(z) ** 2,
+    "silu": lambda z: torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z))),
+}
+
+
 def _activation_grad(z: Tensor, upstream: Tensor, code: int) -> Tensor:
-    """upstream * act'(z), through autograd of the activation on this block alone."""
-    with torch.enable_grad():
-        z = z.detach().requires_grad_()
-        (dz,) = torch.autograd.grad(_activation(code)(z), z, upstream)
-    return dz
+    """upstream * act'(z)."""
+    return upstream * _DERIVATIVES[ACTIVATIONS[code]](z)
 
 
 class _KeptTokens:
@@ -107,7 +126,7 @@ def linear_fwd(x: Tensor, weight: Tensor, bias, mask, cu_seqlens, max_seqlen, mo
     """(out (B, N) in x.dtype, den (B,) for MEAN else empty, int32 argmax (B, N) for MAX else empty)."""
     acc = accumulation_dtype(x.dtype)
     tokens = _KeptTokens(x, mask, cu_seqlens, acc)
-    flat_x = x.reshape(-1, x.shape[-1])
+    flat_x = x.flatten(0, -2)  # (tokens, H), also for H = 0
     batch, features = tokens.num_seqs, weight.shape[0]
     act = _activation(activation)
     den, argmax = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=torch.int32)
@@ -143,8 +162,8 @@ def linear_bwd(grad_out, x, weight, bias, mask, cu_seqlens, den, argmax, mode: i
     """(dx like x, dweight like weight, dbias (N,)): MAX from the argmax tokens alone (B N H work),
     SUM / MEAN recomputing each block's projection."""
     acc = accumulation_dtype(x.dtype)
-    hidden, features = x.shape[-1], weight.shape[0]
-    flat_x = x.reshape(-1, hidden)
+    features = weight.shape[0]
+    flat_x = x.flatten(0, -2)
     grad = grad_out.to(acc)
     w_acc = weight.to(acc)
     dx = torch.zeros(flat_x.shape, dtype=acc, device=x.device)
@@ -173,6 +192,8 @@ def _max_backward(grad, flat_x, x, weight, bias, cu_seqlens, argmax, activation,
     gathered (B, chunk, H) rows stay bounded: B N H work, never a (tokens, N) product."""
     acc, hidden = dx.dtype, flat_x.shape[1]
     batch, features = argmax.shape
+    if flat_x.shape[0] == 0:  # no token at all: no winner
+        return
     if cu_seqlens is None:
         first_row = torch.arange(batch, device=x.device) * (x.shape[1] if x.dim() == 3 else 0)
     else:
@@ -192,4 +213,4 @@ def _max_backward(grad, flat_x, x, weight, bias, cu_seqlens, argmax, activation,
         dweight[start:end] += (dz[..., None] * xg).sum(0)
         dbias[start:end] += dz.sum(0)
         # Features in increasing order, added to their winning rows (index_add_: in order on CPU).
-        dx.index_add_(0, rows.reshape(-1), (dz[..., None] * w).reshape(-1, hidden))
+        dx.index_add_(0, rows.reshape(-1), (dz[..., None] * w).flatten(0, 1))

@@ -20,6 +20,9 @@ hand-computed semantics, the "torch" backend, the extension's ops called directl
         its Triton kernels called directly              test_probe_attention_triton.py
     linear (linear_pool): the C++ ops called directly  test_linear_ext.py
     first_token / last_token                            test_tokens.py
+    linear (linear_pool)                                test_linear_pool.py (argument checks, compile
+                                                        and opcheck too)
+        peak memory at the issue's size (subprocess)    test_linear_memory.py
 Across the ops:
     argument checks (ValueError / TypeError naming      test_arguments.py (fused_pool.nn
         the argument; the extension's op checks)        constructors: test_nn.py)

@@ -226,11 +226,12 @@ FP_HOST_DEVICE Acc activate(int activation, Acc z) {
   }
 }
 
-// d act / dz at z, as autograd computes it (relu'(0) = 0; NaN in, NaN out).
+// d act / dz at z, as autograd computes it: relu'(0) = 0 and relu'(NaN) = 1 (torch's threshold_backward
+// passes the gradient where z <= 0 is false); elsewhere NaN in, NaN out.
 template <typename Acc>
 FP_HOST_DEVICE Acc activation_grad(int activation, Acc z) {
   switch (activation) {
-    case kActRelu: return z > Acc(0) ? Acc(1) : (is_nan(z) ? z : Acc(0));
+    case kActRelu: return (z > Acc(0) || is_nan(z)) ? Acc(1) : Acc(0);
     case kActLog1pRelu: return z > Acc(0) ? Acc(1) / (Acc(1) + z) : (is_nan(z) ? z : Acc(0));
     case kActLog1pLog1pRelu:
       return z > Acc(0) ? Acc(1) / ((Acc(1) + std::log1p(z)) * (Acc(1) + z)) : (is_nan(z) ? z : Acc(0));

@@ -162,7 +162,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
   at::Tensor dx_acc = at::zeros(x.sizes(), x.options().dtype(acc));
   at::Tensor dweight_acc = at::zeros(weight.sizes(), weight.options().dtype(acc));
   at::Tensor dbias_acc = at::zeros({weight.size(0)}, weight.options().dtype(acc));
-  if (x.numel() > 0 && weight.numel() > 0) {
+  // H = 0 still has tokens: z = bias, and the bias gets act'(bias) from every kept token.
+  const int64_t rows = x.dim() == 3 ? x.size(0) * x.size(1) : x.size(0);
+  if (rows > 0 && weight.size(0) > 0) {
     const LinearPlan p = make_linear_plan(x, mask, cu_seqlens, mode != kMax, false);
     if (mode == kMax) {
       max_backward(grad, x, weight, bias_c, p, argmax, activation, dx_acc, dweight_acc, dbias_acc);

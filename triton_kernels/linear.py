@@ -12,6 +12,7 @@ works on the (B, N) winners only; sum / mean recompute the projection tile by ti
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -52,8 +53,8 @@ def forward_tiles(dtype: torch.dtype) -> Tiles:
     if dtype == torch.float64:  # no tl.dot: a broadcast product of BLOCK_M x BLOCK_N x BLOCK_K elements
         return Tiles(16, 16, 16, 4)
     if dtype == torch.float32:  # full-precision float32 dot: half the K of 16-bit types (shared memory)
-        return Tiles(64, 128, 32, 4)
-    return Tiles(64, 128, 64, 4)
+        return Tiles(64, 128, 32, 8)
+    return Tiles(64, 128, 64, 8)
 
 
 def backward_tiles(dtype: torch.dtype) -> Tiles:
@@ -61,8 +62,8 @@ def backward_tiles(dtype: torch.dtype) -> Tiles:
     if dtype == torch.float64:
         return Tiles(16, 16, 16, 4)
     if dtype == torch.float32:
-        return Tiles(64, 64, 32, 4)
-    return Tiles(64, 64, 64, 4)
+        return Tiles(64, 64, 32, 8)
+    return Tiles(64, 64, 64, 8)
 
 
 # Gather tiles of the max backward (elementwise, 4096 elements): outputs x H for dz and dweight,
@@ -72,6 +73,13 @@ MAX_DWEIGHT_BLOCKS = (32, 128)
 MAX_DX_BLOCKS = (32, 128)
 # Largest dweight workspace of the sum / mean backward, in elements, that more chunks may take.
 DWEIGHT_WORKSPACE = 1 << 24
+
+
+def dot_kind(dtype: torch.dtype) -> str:
+    """The DOT constexpr of linear_kernels.dot_acc."""
+    if dtype == torch.float64:
+        return "product"
+    return "float32" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "native"
 
 
 def _weighted(mask: torch.Tensor | None, mode: int) -> bool:
@@ -164,7 +172,7 @@ def linear_fwd(
         VARLEN=varlen,
         SPLIT=plan.split,
         ACC_DTYPE=triton_accumulator(x.dtype),
-        FALLBACK=x.dtype == torch.float64,
+        DOT=dot_kind(x.dtype),
         BLOCK_M=tiles.m,
         BLOCK_N=tiles.n,
         BLOCK_K=tiles.k,
@@ -346,7 +354,7 @@ def _sum_bwd(grad_out, x, weight, bias, mask, den, mode, activation, geo, num_se
         VARLEN=varlen,
         ROWS_INT32=rows_fit_int32(num_rows, tiles.m),
         ACC_DTYPE=triton_accumulator(x.dtype),
-        FALLBACK=x.dtype == torch.float64,
+        DOT=dot_kind(x.dtype),
         BLOCK_M=tiles.m,
         BLOCK_N=tiles.n,
         BLOCK_K=tiles.k,

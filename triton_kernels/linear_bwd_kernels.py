@@ -219,7 +219,7 @@ def _grad_tile(
     VARLEN: tl.constexpr,
     ROWS_INT32: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    FALLBACK: tl.constexpr,
+    DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -264,7 +264,7 @@ def _grad_tile(
         stride_wn=stride_wn,
         stride_wh=stride_wh,
         ACC_DTYPE=ACC_DTYPE,
-        FALLBACK=FALLBACK,
+        DOT=DOT,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
@@ -311,7 +311,7 @@ def linear_sum_dx_kernel(
     VARLEN: tl.constexpr,
     ROWS_INT32: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    FALLBACK: tl.constexpr,
+    DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -355,7 +355,7 @@ def linear_sum_dx_kernel(
             VARLEN=VARLEN,
             ROWS_INT32=ROWS_INT32,
             ACC_DTYPE=ACC_DTYPE,
-            FALLBACK=FALLBACK,
+            DOT=DOT,
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,
@@ -374,7 +374,7 @@ def linear_sum_dx_kernel(
                 partial = tl.load(workspace_ptr + out, mask=out_in, other=0)
             else:
                 partial = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC_DTYPE)
-            partial = dot_acc(a=dz, b=w_tile, acc=partial, FALLBACK=FALLBACK)
+            partial = dot_acc(a=dz, b=w_tile, acc=partial, DOT=DOT)
             if n0 + BLOCK_N < N:
                 tl.store(workspace_ptr + out, partial, mask=out_in)
             else:
@@ -416,7 +416,7 @@ def linear_sum_dweight_kernel(
     VARLEN: tl.constexpr,
     ROWS_INT32: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    FALLBACK: tl.constexpr,
+    DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -463,7 +463,7 @@ def linear_sum_dweight_kernel(
             VARLEN=VARLEN,
             ROWS_INT32=ROWS_INT32,
             ACC_DTYPE=ACC_DTYPE,
-            FALLBACK=FALLBACK,
+            DOT=DOT,
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,
@@ -484,7 +484,7 @@ def linear_sum_dweight_kernel(
                 partial = tl.load(out, mask=out_in, other=0)
             else:
                 partial = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC_DTYPE)
-            partial = dot_acc(a=dz_t, b=x_tile, acc=partial, FALLBACK=FALLBACK)
+            partial = dot_acc(a=dz_t, b=x_tile, acc=partial, DOT=DOT)
             tl.store(out, partial, mask=out_in)
     tl.store(
         dbias_ptr + chunk.to(tl.int64) * N + offs_n0 + tl.arange(0, BLOCK_N),

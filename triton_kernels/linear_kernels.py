@@ -16,10 +16,6 @@ import triton.language as tl
 
 from .split_plan import program_chunk
 
-# contract.ACTIVATIONS indices.
-NONE, RELU, LOG1P_RELU, LOG1P_LOG1P_RELU, GELU, TANH, SILU = 0, 1, 2, 3, 4, 5, 6
-BIG_ROW = 2147483647
-
 
 @triton.jit
 def _log1p_nonnegative(u):
@@ -43,17 +39,18 @@ def _tanh(z):
 
 @triton.jit
 def activate(z, ACTIVATION: tl.constexpr):
-    if ACTIVATION == RELU:
+    """ACTIVATION: an index into contract.ACTIVATIONS (no module-level constexpr globals: see DESIGN)."""
+    if ACTIVATION == 1:  # relu
         a = tl.where(z > 0, z, 0)
-    elif ACTIVATION == LOG1P_RELU:
+    elif ACTIVATION == 2:  # log1p_relu
         a = _log1p_nonnegative(tl.where(z > 0, z, 0))
-    elif ACTIVATION == LOG1P_LOG1P_RELU:
+    elif ACTIVATION == 3:  # log1p_log1p_relu
         a = _log1p_nonnegative(_log1p_nonnegative(tl.where(z > 0, z, 0)))
-    elif ACTIVATION == GELU:
+    elif ACTIVATION == 4:  # gelu
         a = 0.5 * z * (1 + tl.erf(z * 0.7071067811865476))
-    elif ACTIVATION == TANH:
+    elif ACTIVATION == 5:  # tanh
         a = _tanh(z)
-    elif ACTIVATION == SILU:
+    elif ACTIVATION == 6:  # silu
         a = z / (1 + tl.exp(-z))
     else:
         a = z
@@ -63,19 +60,19 @@ def activate(z, ACTIVATION: tl.constexpr):
 @triton.jit
 def activation_grad(z, ACTIVATION: tl.constexpr):
     """d act / dz, as torch's autograd of the same activation computes it."""
-    if ACTIVATION == RELU:
+    if ACTIVATION == 1:  # relu
         d = tl.where(z > 0, 1.0, 0.0).to(z.dtype)
-    elif ACTIVATION == LOG1P_RELU:
+    elif ACTIVATION == 2:  # log1p_relu
         d = tl.where(z > 0, 1 / (1 + tl.where(z > 0, z, 0)), 0)
-    elif ACTIVATION == LOG1P_LOG1P_RELU:
+    elif ACTIVATION == 3:  # log1p_log1p_relu
         r = tl.where(z > 0, z, 0)
         d = tl.where(z > 0, 1 / ((1 + _log1p_nonnegative(r)) * (1 + r)), 0)
-    elif ACTIVATION == GELU:
+    elif ACTIVATION == 4:  # gelu
         d = 0.5 * (1 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    elif ACTIVATION == TANH:
+    elif ACTIVATION == 5:  # tanh
         t = _tanh(z)
         d = 1 - t * t
-    elif ACTIVATION == SILU:
+    elif ACTIVATION == 6:  # silu
         s = 1 / (1 + tl.exp(-z))
         d = s * (1 + z * (1 - s))
     else:
@@ -84,11 +81,15 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def dot_acc(a, b, acc, FALLBACK: tl.constexpr):
-    """acc + a @ b: tl.dot (float32 operands in full float32, as torch's default matmul; no TF32), or
-    (FALLBACK: float64, which tl.dot does not take everywhere) a broadcast product summed over K."""
-    if FALLBACK:
+def dot_acc(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b. DOT "native": tl.dot (float32 operands in full float32, as torch's default matmul,
+    no TF32); "float32": tl.dot of the operands converted to float32 (the interpreter, whose numpy has
+    no bfloat16 matmul; the same products, exact in float32); "product": a broadcast product summed
+    over K (float64, which tl.dot does not take everywhere)."""
+    if DOT == "product":
         return acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), 1)
+    if DOT == "float32":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
     return tl.dot(a, b, acc=acc, input_precision="ieee")
 
 
@@ -104,7 +105,7 @@ def project_tile(
     stride_wn,
     stride_wh,
     ACC_DTYPE: tl.constexpr,
-    FALLBACK: tl.constexpr,
+    DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -121,7 +122,7 @@ def project_tile(
         w_tile = tl.load(
             w_cols + offs_k.to(tl.int64)[:, None] * stride_wh, mask=k_in[:, None] & n_in[None, :], other=0
         )
-        z = dot_acc(a=x_tile, b=w_tile, acc=z, FALLBACK=FALLBACK)
+        z = dot_acc(a=x_tile, b=w_tile, acc=z, DOT=DOT)
     return z
 
 
@@ -138,13 +139,13 @@ def tile_max(values, index, valid):
     """(max, its first row) per column of a (BLOCK_M, BLOCK_N) tile over the valid entries; row -1
     for a column with none. A NaN wins over numbers, the first NaN its row."""
     is_nan = valid & (values != values)
-    nan_row = tl.min(tl.where(is_nan, index[:, None], BIG_ROW), 0)
+    nan_row = tl.min(tl.where(is_nan, index[:, None], 2147483647), 0)
     numbers = valid & ~is_nan
     top = tl.max(tl.where(numbers, values, float("-inf")), 0)
-    top_row = tl.min(tl.where(numbers & (values == top[None, :]), index[:, None], BIG_ROW), 0)
-    has_nan = nan_row != BIG_ROW
+    top_row = tl.min(tl.where(numbers & (values == top[None, :]), index[:, None], 2147483647), 0)
+    has_nan = nan_row != 2147483647
     best = tl.where(has_nan, float("nan"), top)
-    row = tl.where(has_nan, nan_row, tl.where(top_row != BIG_ROW, top_row, -1))
+    row = tl.where(has_nan, nan_row, tl.where(top_row != 2147483647, top_row, -1))
     return best, row
 
 
@@ -189,7 +190,7 @@ def linear_fwd_kernel(
     VARLEN: tl.constexpr,
     SPLIT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    FALLBACK: tl.constexpr,
+    DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -239,7 +240,7 @@ def linear_fwd_kernel(
             stride_wn=stride_wn,
             stride_wh=stride_wh,
             ACC_DTYPE=ACC_DTYPE,
-            FALLBACK=FALLBACK,
+            DOT=DOT,
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,

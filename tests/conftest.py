@@ -12,6 +12,7 @@ hand-computed semantics, the "torch" backend, the extension's ops called directl
         its kernels called directly                     test_span_ext.py (C++), test_span_triton.py
         late chunking (sentence-transformers)           test_late_chunking.py
     first_token / last_token                            test_tokens.py
+    linear (linear_pool): the Triton kernels            test_linear_triton.py
 Across the ops:
     argument checks (ValueError / TypeError naming      test_arguments.py (fused_pool.nn
         the argument; the extension's op checks)        constructors: test_nn.py)

@@ -210,3 +210,11 @@ def test_no_tokens_and_no_outputs(mode):
         pool, [x, weight[:0], bias[:0]], torch.zeros(2, 0), poisoned=True
     )
     assert out.shape == (2, 0) and dweight.shape == (0, 16) and dbias.shape == (0,) and not dx.any()
+    # H = 0: z is the bias.
+    check(
+        torch.randn(2, 5, 0, generator=gen),
+        torch.randn(7, 0, generator=gen),
+        bias[:7],
+        mode=mode,
+        activation="gelu",
+    )

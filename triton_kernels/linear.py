@@ -50,11 +50,13 @@ class Tiles(NamedTuple):
 
 
 def forward_tiles(dtype: torch.dtype) -> Tiles:
+    """Sized so that every specialization compiles without spills for sm_80 / sm_90, also with H not a
+    multiple of 16 (unvectorized loads): .ci/check_gpu_compile."""
     if dtype == torch.float64:  # no tl.dot: a broadcast product of BLOCK_M x BLOCK_N x BLOCK_K elements
         return Tiles(16, 16, 16, 4)
-    if dtype == torch.float32:  # full-precision float32 dot: half the K of 16-bit types (shared memory)
-        return Tiles(64, 128, 32, 8)
-    return Tiles(64, 128, 64, 8)
+    if dtype == torch.float32:  # full-precision float32: an FMA dot whose operands live in registers
+        return Tiles(32, 64, 16, 4)
+    return Tiles(64, 128, 32, 8)
 
 
 def backward_tiles(dtype: torch.dtype) -> Tiles:
@@ -62,13 +64,13 @@ def backward_tiles(dtype: torch.dtype) -> Tiles:
     if dtype == torch.float64:
         return Tiles(16, 16, 16, 4)
     if dtype == torch.float32:
-        return Tiles(64, 64, 32, 8)
-    return Tiles(64, 64, 64, 8)
+        return Tiles(32, 64, 16, 4)
+    return Tiles(64, 64, 32, 8)
 
 
-# Gather tiles of the max backward (elementwise, 4096 elements): outputs x H for dz and dweight,
-# sorted entries x H for dx.
-MAX_DZ_BLOCKS = (64, 64)
+# Gather tiles of the max backward (elementwise, 2048 / 4096 elements): outputs x H for dz and
+# dweight, sorted entries x H for dx.
+MAX_DZ_BLOCKS = (32, 64)
 MAX_DWEIGHT_BLOCKS = (32, 128)
 MAX_DX_BLOCKS = (32, 128)
 # Largest dweight workspace of the sum / mean backward, in elements, that more chunks may take.
@@ -265,7 +267,8 @@ def _max_bwd(grad_out, x, weight, bias, cu_seqlens, argmax, activation, geo, num
     dweight = torch.empty(features, hidden, dtype=weight.dtype, device=x.device)
     dbias = torch.empty(features, dtype=weight.dtype, device=x.device)
     block_n, block_h = MAX_DWEIGHT_BLOCKS
-    linear_max_dweight_kernel[(triton.cdiv(features, block_n), triton.cdiv(hidden, block_h))](
+    # At least one H block: its program 0 writes dbias, also when H = 0.
+    linear_max_dweight_kernel[(triton.cdiv(features, block_n), max(1, triton.cdiv(hidden, block_h)))](
         x_ptr=x,
         argmax_ptr=argmax,
         dz_ptr=dz,
@@ -284,6 +287,9 @@ def _max_bwd(grad_out, x, weight, bias, cu_seqlens, argmax, activation, geo, num
     # a stable sort of their rows (flat index seq N + n, so n order within a row) and give each row
     # its range of sorted entries: O(B N + T) integers, no atomics.
     num_rows = geo["num_rows"]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if hidden == 0:
+        return dx, dweight, dbias
     index = argmax.to(torch.int64)
     if cu_seqlens is None:
         starts = torch.arange(num_seqs, device=x.device) * geo["seq_len"]
@@ -299,7 +305,6 @@ def _max_bwd(grad_out, x, weight, bias, cu_seqlens, argmax, activation, geo, num
     all_rows = torch.arange(num_rows, device=x.device)
     first = torch.searchsorted(sorted_keys, all_rows)
     end = torch.searchsorted(sorted_keys, all_rows, right=True)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_e, block_h = MAX_DX_BLOCKS
     linear_max_dx_kernel[(num_rows, triton.cdiv(hidden, block_h))](
         weight_ptr=weight,

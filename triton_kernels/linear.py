@@ -41,12 +41,15 @@ from .split_plan import (
 
 
 class Tiles(NamedTuple):
-    """tl.dot tile (BLOCK_M tokens x BLOCK_N outputs x BLOCK_K of H) and warps of a projection kernel."""
+    """tl.dot tile (BLOCK_M tokens x BLOCK_N outputs x BLOCK_K of H), warps and register budget of a
+    projection kernel. The budget (maxnreg) keeps ptxas from picking an occupancy tier itself and
+    spilling a few bytes at its edge (128 / 168 registers), as launch.tile_launch does."""
 
     m: int
     n: int
     k: int
     warps: int
+    registers: int = 255
 
 
 def forward_tiles(dtype: torch.dtype) -> Tiles:
@@ -55,7 +58,7 @@ def forward_tiles(dtype: torch.dtype) -> Tiles:
     if dtype == torch.float64:  # no tl.dot: a broadcast product of BLOCK_M x BLOCK_N x BLOCK_K elements
         return Tiles(16, 16, 16, 4)
     if dtype == torch.float32:  # full-precision float32: an FMA dot whose operands live in registers
-        return Tiles(32, 64, 16, 4)
+        return Tiles(32, 64, 16, 8)
     return Tiles(64, 128, 32, 8)
 
 
@@ -64,7 +67,7 @@ def backward_tiles(dtype: torch.dtype) -> Tiles:
     if dtype == torch.float64:
         return Tiles(16, 16, 16, 4)
     if dtype == torch.float32:
-        return Tiles(32, 64, 16, 4)
+        return Tiles(32, 32, 16, 8)
     return Tiles(64, 64, 32, 8)
 
 
@@ -179,6 +182,7 @@ def linear_fwd(
         BLOCK_N=tiles.n,
         BLOCK_K=tiles.k,
         num_warps=tiles.warps,
+        maxnreg=tiles.registers,
     )
     if plan.split:
         # The pool's combine over N "channels": MAX folds (max, first row) in chunk order; the sum is
@@ -364,6 +368,7 @@ def _sum_bwd(grad_out, x, weight, bias, mask, den, mode, activation, geo, num_se
         BLOCK_N=tiles.n,
         BLOCK_K=tiles.k,
         num_warps=tiles.warps,
+        maxnreg=tiles.registers,
     )
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     workspace = dx if x.dtype == acc else torch.empty(num_rows, hidden, dtype=acc, device=x.device)

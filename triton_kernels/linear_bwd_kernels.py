@@ -370,15 +370,14 @@ def linear_sum_dx_kernel(
             )
             out = rows[:, None] * H + offs_k[None, :]
             out_in = rows_in[:, None] & k_in[None, :]
-            if n0 > 0:
-                partial = tl.load(workspace_ptr + out, mask=out_in, other=0)
-            else:
-                partial = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC_DTYPE)
+            # Block conditions as (BLOCK_K,) vectors: the interpreter takes no scalar masks, and
+            # Triton 3.6 does not compile an if / else around this dot for sm_90.
+            n_start = offs_k * 0 + n0
+            partial = tl.load(workspace_ptr + out, mask=out_in & (n_start > 0)[None, :], other=0)
             partial = dot_acc(a=dz, b=w_tile, acc=partial, DOT=DOT)
-            if n0 + BLOCK_N < N:
-                tl.store(workspace_ptr + out, partial, mask=out_in)
-            else:
-                tl.store(dx_ptr + out, partial.to(dx_ptr.dtype.element_ty), mask=out_in)
+            last = (n_start + BLOCK_N >= N)[None, :]
+            tl.store(workspace_ptr + out, partial, mask=out_in & ~last)
+            tl.store(dx_ptr + out, partial.to(dx_ptr.dtype.element_ty), mask=out_in & last)
 
 
 @triton.jit

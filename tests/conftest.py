@@ -8,9 +8,6 @@ hand-computed semantics, the "torch" backend, the extension's ops called directl
     query_attention (query_attention_pool)              test_query_attention.py (wide query heads too)
     both attention kinds: non-finite scores, tokens,    test_attention_nonfinite.py
         scales; zero-width heads
-    linear (linear_pool) modules: LinearPool,           test_linear_modules.py
-        SpladeHead on Hugging Face masked LMs
-        SparseEncoder (SPLADE) swap                     test_sparse_encoder.py
     span (span_pool)                                    test_span.py
         its kernels called directly                     test_span_ext.py (C++), test_span_triton.py
         late chunking (sentence-transformers)           test_late_chunking.py
@@ -18,11 +15,13 @@ hand-computed semantics, the "torch" backend, the extension's ops called directl
                                                         key projections into probes)
         its C++ / CUDA kernels against the reference    test_probe_attention_ext.py
         its Triton kernels called directly              test_probe_attention_triton.py
-    linear (linear_pool): the C++ ops called directly  test_linear_ext.py
-    first_token / last_token                            test_tokens.py
     linear (linear_pool)                                test_linear_pool.py (argument checks, compile
                                                         and opcheck too)
         peak memory at the issue's size (subprocess)    test_linear_memory.py
+        its kernels called directly                     test_linear_ext.py (C++), test_linear_triton.py
+        LinearPool, SpladeHead on HF masked LMs         test_linear_modules.py
+        SparseEncoder (SPLADE) swap                     test_sparse_encoder.py
+    first_token / last_token                            test_tokens.py
 Across the ops:
     argument checks (ValueError / TypeError naming      test_arguments.py (fused_pool.nn
         the argument; the extension's op checks)        constructors: test_nn.py)

@@ -47,7 +47,8 @@ PROBE_MASKS = ("none", "bool")
 
 
 class Case(NamedTuple):
-    op: str  # mean | max | mean_max | attention | query_attention | span_<mode> | <mode>_states
+    op: str  # mean | max | mean_max | attention | query_attention | span_<mode> | <mode>_states |
+    # linear_<mode>:<activation>:N=<features>
     layout: str  # padded | varlen; span ops: spans | one_token
     mask: str  # none | bool | float | int64 (varlen: none, or float weights where the API takes them)
     split: bool
@@ -86,6 +87,7 @@ def all_cases() -> list[Case]:
             if layout == "padded" or mask == "none":
                 cases.append(Case(op, layout, mask, split, dtype, size, 0))
     cases += _probe_cases()
+    cases += _linear_cases()
     return cases
 
 
@@ -110,6 +112,8 @@ def inputs(case: Case):
     kwargs = {}
     if case.op.startswith("span_"):
         return _span_inputs(case, dtype, hidden)
+    if case.op.startswith("linear_"):
+        return _linear_inputs(case, dtype)
     if case.layout == "padded":
         batch, length = (1, SPLIT_LEN) if case.split else (4, SHORT_LEN)
         x = torch.empty(batch, length, hidden, dtype=dtype)
@@ -161,7 +165,7 @@ def _span_inputs(case: Case, dtype: torch.dtype, hidden: int):
     return "span_pool", (x, spans, mask), {"mode": case.op.removeprefix("span_")}, (x,)
 
 
-# --- probe_attention_pool (issue 23) ---------------------------------------------------------------
+# --- probe_attention_pool ------------------------------------------------------------------------
 
 
 def _probe_cases() -> list[Case]:
@@ -173,3 +177,53 @@ def _probe_cases() -> list[Case]:
         if layout == "padded" or mask == "none":
             cases.append(Case("probe_attention", layout, mask, split, dtype, size, probes))
     return cases
+
+
+# --- linear_pool -----------------------------------------------------------------------------------
+# Op "linear_<mode>:<activation>:N=<features>", size = H. Every mode with SPLADE's projection
+# (H = 768, N = 30522, log1p_relu) over the pool ops' layouts, masks, split / no split and dtypes;
+# each other activation (an epilogue change) for max and sum in bf16; (H, N) = (1000, 250) (no
+# 16-aligned sizes) without masks.
+LINEAR_MODES = ("max", "sum", "mean")
+LINEAR_ACTIVATIONS = ("none", "relu", "log1p_log1p_relu", "gelu", "tanh", "silu")  # besides log1p_relu
+SPLADE = (768, 30522)
+
+
+def _linear_cases() -> list[Case]:
+    cases = []
+    for mode, layout, mask, split, dtype in itertools.product(
+        LINEAR_MODES, ("padded", "varlen"), MASKS, (True, False), DTYPES
+    ):
+        if layout == "varlen" and mask == "bool":
+            continue  # varlen takes per-token weights only
+        cases.append(
+            Case(f"linear_{mode}:log1p_relu:N={SPLADE[1]}", layout, mask, split, dtype, SPLADE[0], 0)
+        )
+    for mode, activation in itertools.product(("max", "sum"), LINEAR_ACTIVATIONS):
+        cases.append(
+            Case(f"linear_{mode}:{activation}:N={SPLADE[1]}", "padded", "none", False, "bf16", 768, 0)
+        )
+    for mode, dtype in itertools.product(LINEAR_MODES, DTYPES):
+        cases.append(Case(f"linear_{mode}:log1p_relu:N=250", "padded", "none", False, dtype, 1000, 0))
+    return cases
+
+
+def _linear_inputs(case: Case, dtype: torch.dtype):
+    """linear_pool's call: x as the pool ops' (split: few long sequences), weight (N, H), bias (N,)."""
+    op, activation, features = case.op.split(":")
+    features = int(features.removeprefix("N="))
+    kwargs = {"mode": op.removeprefix("linear_"), "activation": None if activation == "none" else activation}
+    if case.layout == "padded":
+        batch, length = (1, SPLIT_LEN) if case.split else (4, SHORT_LEN)
+        x = torch.empty(batch, length, case.size, dtype=dtype, requires_grad=True)
+        mask = _mask(case.mask, (batch, length), dtype)
+    else:
+        lengths = [SPLIT_LEN // 2] * 2 if case.split else [SHORT_LEN] * 4
+        if not case.split:
+            kwargs["max_seqlen"] = SHORT_LEN
+        kwargs["cu_seqlens"] = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        x = torch.empty(sum(lengths), case.size, dtype=dtype, requires_grad=True)
+        mask = _mask(case.mask, (sum(lengths),), dtype)
+    weight = torch.empty(features, case.size, dtype=dtype, requires_grad=True)
+    bias = torch.empty(features, dtype=dtype, requires_grad=True)
+    return "linear_pool", (x, weight, bias, mask), kwargs, (x, weight, bias)

@@ -162,6 +162,7 @@ def collect(archs: list[int], only: str | None) -> tuple[list[dict], dict]:
     import fused_pool
     import fused_pool.functional
     import fused_pool.triton_kernels.attention  # noqa: F401  (the launchers, patched below)
+    import fused_pool.triton_kernels.linear  # noqa: F401
     import fused_pool.triton_kernels.pool  # noqa: F401
     import fused_pool.triton_kernels.probe  # noqa: F401
     import fused_pool.triton_kernels.span  # noqa: F401

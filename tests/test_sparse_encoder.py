@@ -33,6 +33,7 @@ from sentence_transformers.sparse_encoder.losses import (  # noqa: E402
 )
 from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling  # noqa: E402
 
+from fused_pool import torch_linear  # noqa: E402
 from fused_pool.integrations.sentence_transformers import patch  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -149,7 +150,10 @@ class LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_forward_and_backward_never_build_the_logits(bert_dir, strategy):
+def test_forward_and_backward_never_build_the_logits(bert_dir, strategy, monkeypatch):
+    # The torch backend's blocks hold up to BLOCK_ELEMENTS projected values: keep them below this
+    # small batch's (tokens, vocab), so that the bound below sees any logits-sized tensor.
+    monkeypatch.setattr(torch_linear, "BLOCK_ELEMENTS", 1 << 18)
     model, stock = patched_and_stock(make_encoder(bert_dir, strategy), "torch")
     features = model.preprocess(TEXTS)
     tokens = int(features["attention_mask"].sum())

@@ -207,7 +207,7 @@ def main() -> None:
         mp.start_processes(_worker, args=spawn_args, nprocs=args.world_size, start_method="spawn")
         rows = json.loads(Path(tmp, "rows.json").read_text())
 
-    from run import environment  # the device / version / commit columns of benchmarks/run.py
+    from environment import environment  # the device / version / commit columns
 
     env = environment("cpu")
     for row in rows:

@@ -307,7 +307,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from run import environment
+    from environment import environment
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import cases as case_sets  # noqa: E402
 import linear  # noqa: E402
 import measure  # noqa: E402
 import providers as provider_set  # noqa: E402
+from environment import environment  # noqa: E402
 
 from fused_pool import reference  # noqa: E402
 
@@ -99,55 +97,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
     parser.add_argument("--no-plots", action="store_true")
     return parser.parse_args()
-
-
-def device_name(device: str) -> str:
-    """The GPU's name, or the CPU's model and the cores this process may use: "AMD EPYC (2 cores)"."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model} ({cores} cores)"
-
-
-def git_commit() -> str:
-    """The checked-out commit, "+dirty" when tracked files differ from it; "" without git."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
-    commit = git("rev-parse", "--short=12", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    return commit
-
-
-def environment(device: str) -> dict[str, str]:
-    """The columns that say where a row was measured: device, versions, commit, date."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    return {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda or "",
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "date": datetime.date.today().isoformat(),
-    }
 
 
 def reference_output(op: str, inputs: case_sets.Inputs, args: list[torch.Tensor]) -> torch.Tensor:

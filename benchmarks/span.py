@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from environment import environment  # noqa: E402
 from measure import keep_freed_memory_on_cpu, time_ms  # noqa: E402
-from run import environment  # noqa: E402
 
 import fused_pool  # noqa: E402
 from fused_pool.backends import unavailable_reason  # noqa: E402

@@ -5,43 +5,17 @@ MLM logits, log(1 + relu), masked max / sum), outputs and gradients, padded and 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from helpers import assert_close, cu_seqlens_of, make_generator, make_mask, poison_padding
+from helpers import assert_close, cu_seqlens_of, kernel_backends, make_generator, make_mask, poison_padding
 from torch import nn
 
 from fused_pool import reference
-from fused_pool.backends import extension, unavailable_reason
 from fused_pool.nn import LinearPool, SpladeHead
 
-
-def _has_extension_linear() -> bool:
-    return extension() is not None and hasattr(torch.ops.fused_pool, "ext_linear_fwd")
-
-
-def _has_triton_linear() -> bool:
-    if unavailable_reason("triton", torch.device("cpu")) is not None:
-        return False
-    return importlib.util.find_spec("fused_pool.triton_kernels.linear") is not None
-
-
-# linear_pool's backends that run on CPU tensors here; each one skips until its kernels exist.
+# linear_pool's backends that run on CPU tensors here.
 LINEAR_BACKENDS = [
-    pytest.param("torch", id="torch"),
-    pytest.param(
-        "cpu",
-        id="cpu",
-        marks=pytest.mark.skipif(
-            not _has_extension_linear(), reason="the extension has no fused_pool::ext_linear_fwd yet"
-        ),
-    ),
-    pytest.param(
-        "triton",
-        id="triton",
-        marks=pytest.mark.skipif(not _has_triton_linear(), reason="no Triton linear kernels here yet"),
-    ),
+    pytest.param(p.values[0], id=p.values[0]) for p in kernel_backends("linear") if p.values[1] == "cpu"
 ]
 
 

@@ -123,6 +123,11 @@ FP_HOST_DEVICE RowPlace locate_row(const Geometry& g, IndexView cu_seqlens, int6
   return {row / g.seq_len, row % g.seq_len, row % g.seq_len, true};
 }
 
+// Where flattened row `row` (b * L + l padded, t varlen) starts, in elements from x's start.
+FP_HOST_DEVICE int64_t row_offset(const Geometry& g, int64_t row) {
+  return g.varlen ? row * g.stride_row : (row / g.seq_len) * g.stride_b + (row % g.seq_len) * g.stride_row;
+}
+
 template <typename Acc>
 FP_HOST_DEVICE bool is_nan(Acc v) {
   return v != v;

@@ -69,17 +69,22 @@ inline void set_mask(Batch& batch, const std::optional<at::Tensor>& mask) {
                 batch.mask_storage.stride(per_token ? 0 : 1)};
 }
 
+// x given by its sizes and strides: (B, L, H) padded, (T, H) varlen (its sequences: cu_seqlens).
+inline Geometry make_geometry(at::IntArrayRef sizes, at::IntArrayRef strides,
+                              const std::optional<at::Tensor>& cu_seqlens) {
+  if (cu_seqlens.has_value()) return {cu_seqlens->size(0) - 1, 0, sizes[0], sizes[1], 0, strides[0], strides[1], true};
+  return {sizes[0], sizes[1], sizes[0] * sizes[1], sizes[2], strides[0], strides[1], strides[2], false};
+}
+
 // x given by its sizes and strides: (B, L, H) padded, (T, H) varlen. mask: (B, L) padded, (T,)
 // per-token weights varlen (shapes checked by checks.h).
 inline Batch make_batch(at::IntArrayRef sizes, at::IntArrayRef strides, const std::optional<at::Tensor>& mask,
                         const std::optional<at::Tensor>& cu_seqlens) {
   Batch batch;
+  batch.geometry = make_geometry(sizes, strides, cu_seqlens);
   if (cu_seqlens.has_value()) {
-    batch.geometry = {cu_seqlens->size(0) - 1, 0, sizes[0], sizes[1], 0, strides[0], strides[1], true};
     batch.cu_storage = cu_seqlens->contiguous();
     batch.cu_seqlens = {batch.cu_storage.const_data_ptr(), batch.cu_storage.scalar_type() == at::kLong};
-  } else {
-    batch.geometry = {sizes[0], sizes[1], sizes[0] * sizes[1], sizes[2], strides[0], strides[1], strides[2], false};
   }
   set_mask(batch, mask);
   return batch;

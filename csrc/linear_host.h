@@ -44,11 +44,7 @@ inline int64_t linear_block_rows(int64_t features, int64_t acc_size, int64_t byt
 }
 
 struct LinearPlan {
-  int64_t num_seqs = 0;
-  int64_t num_rows = 0;  // B * L padded, T varlen
-  int64_t seq_len = 0;   // L padded, 0 varlen
-  int64_t hidden = 0;
-  bool varlen = false;
+  Geometry geometry{};  // x's: rows b * L + l padded (B * L of them), t varlen (T)
   at::ScalarType acc;
   // Per row of x (num_rows,): its sequence if kept, else -1 (int32).
   at::Tensor row_owner;
@@ -66,37 +62,32 @@ struct LinearPlan {
 inline LinearPlan make_linear_plan(const at::Tensor& x, const std::optional<at::Tensor>& mask,
                                    const std::optional<at::Tensor>& cu_seqlens, bool with_entries, bool exact) {
   LinearPlan p;
-  p.varlen = cu_seqlens.has_value();
+  p.geometry = make_geometry(x.sizes(), x.strides(), cu_seqlens);
+  const Geometry& g = p.geometry;
   p.acc = accumulation_type(x.scalar_type());
-  p.hidden = x.size(-1);
   const at::TensorOptions longs = x.options().dtype(at::kLong);
-  at::Tensor row = at::arange(p.varlen ? x.size(0) : x.size(0) * x.size(1), longs);
+  at::Tensor row = at::arange(g.num_rows, longs);
   at::Tensor owner, index, inside;
-  if (p.varlen) {
-    p.num_seqs = cu_seqlens->size(0) - 1;
-    p.num_rows = x.size(0);
+  if (g.varlen) {
     const at::Tensor cu = cu_seqlens->to(at::kLong);
-    const at::Tensor starts = cu.narrow(0, 0, p.num_seqs).clamp(0, p.num_rows);
-    const at::Tensor ends = at::maximum(cu.narrow(0, 1, p.num_seqs), starts).clamp_max(p.num_rows);
+    const at::Tensor starts = cu.narrow(0, 0, g.num_seqs).clamp(0, g.num_rows);
+    const at::Tensor ends = at::maximum(cu.narrow(0, 1, g.num_seqs), starts).clamp_max(g.num_rows);
     // The first sequence whose end is past the row (skips empty ones); num_seqs: none.
     owner = at::searchsorted(ends, row, /*out_int32=*/false, /*right=*/true);
     const at::Tensor padded_starts = at::cat({starts, starts.new_zeros({1})});
     const at::Tensor padded_ends = at::cat({ends, ends.new_zeros({1})});
     const at::Tensor start = padded_starts.index_select(0, owner);
-    inside = owner.lt(p.num_seqs).logical_and_(row.ge(start)).logical_and_(row.lt(padded_ends.index_select(0, owner)));
+    inside = owner.lt(g.num_seqs).logical_and_(row.ge(start)).logical_and_(row.lt(padded_ends.index_select(0, owner)));
     index = row - start;
     p.first_row = starts;
     p.length = ends - starts;
   } else {
-    p.num_seqs = x.size(0);
-    p.seq_len = x.size(1);
-    p.num_rows = p.num_seqs * p.seq_len;
-    const int64_t len = std::max<int64_t>(p.seq_len, 1);
+    const int64_t len = std::max<int64_t>(g.seq_len, 1);
     owner = row.div(len, "floor");
     index = row.remainder(len);
-    inside = at::ones({p.num_rows}, x.options().dtype(at::kBool));
-    p.first_row = at::arange(p.num_seqs, longs) * p.seq_len;
-    p.length = at::full({p.num_seqs}, p.seq_len, longs);
+    inside = at::ones({g.num_rows}, x.options().dtype(at::kBool));
+    p.first_row = at::arange(g.num_seqs, longs) * g.seq_len;
+    p.length = at::full({g.num_seqs}, g.seq_len, longs);
   }
   at::Tensor keep = inside;
   at::Tensor weight;
@@ -162,6 +153,25 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_linear_forward(cons
     out = s.value;
   }
   return {out.to(dtype).contiguous(), s.den, s.argmax};
+}
+
+// The backward's accumulators, zeros in the accumulation dtype: dx (x's shape, contiguous), dweight
+// (N, H), dbias (N,); finish_linear_backward converts them to the outputs' dtypes.
+struct LinearGrads {
+  at::Tensor dx, dweight, dbias;
+};
+
+inline LinearGrads linear_grads(const at::Tensor& x, const at::Tensor& weight) {
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  return {at::zeros(x.sizes(), x.options().dtype(acc)), at::zeros(weight.sizes(), weight.options().dtype(acc)),
+          at::zeros({weight.size(0)}, weight.options().dtype(acc))};
+}
+
+// (dx in x's dtype, dweight and dbias in weight's): no copy for float32 / float64.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_linear_backward(const LinearGrads& grads,
+                                                                             const at::Tensor& x,
+                                                                             const at::Tensor& weight) {
+  return {grads.dx.to(x.scalar_type()), grads.dweight.to(weight.scalar_type()), grads.dbias.to(weight.scalar_type())};
 }
 
 // Per-entry scale of the SUM / MEAN backward: w (SUM), w / den[seq] (MEAN, 0 where den == 0), 0

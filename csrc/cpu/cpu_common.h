@@ -60,14 +60,13 @@ inline int64_t row_grain(int64_t hidden) {
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(hidden, 1));
 }
 
-// Splits sequences much longer than the average into chunks. The chunk size depends on the shapes
-// (and cu_seqlens) only, never on the thread count, so results are the same on every machine
+// Splits sequences longer than chunk_rows into chunks of chunk_rows rows. The caller picks chunk_rows
+// from the shapes only, never from the thread count, so results are the same on every machine
 // configuration: partials are combined in row order. Non-overlapping sequences have at most
 // num_rows / chunk_rows + num_seqs chunks; past that budget (malformed, overlapping cu_seqlens only)
 // sequences stay whole, so that the plan never grows like B * T / chunk_rows.
-inline std::vector<RowChunk> plan_row_chunks(const Batch& batch) {
+inline std::vector<RowChunk> plan_row_chunks(const Batch& batch, int64_t chunk_rows) {
   const Geometry& g = batch.geometry;
-  const int64_t chunk_rows = std::max<int64_t>(2048, (g.num_rows + 63) / 64);
   const int64_t budget = g.num_rows / chunk_rows + g.num_seqs;
   std::vector<RowChunk> chunks;
   chunks.reserve(g.num_seqs);
@@ -83,6 +82,11 @@ inline std::vector<RowChunk> plan_row_chunks(const Batch& batch) {
       chunks.push_back({seq, first, std::min(first + chunk_rows, end), start, false});
   }
   return chunks;
+}
+
+// The pool and attention kernels' plan: only sequences much longer than the average are split.
+inline std::vector<RowChunk> plan_row_chunks(const Batch& batch) {
+  return plan_row_chunks(batch, std::max<int64_t>(2048, (batch.geometry.num_rows + 63) / 64));
 }
 
 // The first chunk of every split sequence (their partials are combined afterwards).

@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& 
   check_linear_forward(at::kCPU, x, weight, bias, mask, cu_seqlens, max_seqlen, mode, activation);
   const int64_t features = weight.size(0);
   const LinearPlan p = make_linear_plan(x, mask, cu_seqlens, true, true);
-  LinearStates s = linear_states(x, p.num_seqs, features, mode);
+  LinearStates s = linear_states(x, p.geometry.num_seqs, features, mode);
   if (p.entries == 0 || features == 0) return finish_linear_forward(s, mode, x.scalar_type());
   const at::Tensor w = weight.to(p.acc).t();  // (H, N); no copy for float32 / float64
   const at::Tensor b = bias.has_value() ? bias->to(p.acc) : at::Tensor();
@@ -124,22 +124,14 @@ FP_CPU_CLONES Acc dot(const T* __restrict x, const T* __restrict w, int64_t n) {
   return total;
 }
 
-// Where row `row` of x starts (x padded (B, L, H) or varlen (T, H), any strides).
-struct RowOffsets {
-  int64_t seq_len, stride_b, stride_row;
-  bool varlen;
-  int64_t operator()(int64_t row) const {
-    return varlen ? row * stride_row : (row / seq_len) * stride_b + (row % seq_len) * stride_row;
-  }
-};
-
 // MAX: dz[b, n] = g act'(z) at the argmax token (0 where there is none or it is not the
-// sequence's kept token), dweight, dbias and dx. dx_acc: (rows, H) zeros in Acc.
+// sequence's kept token), dweight, dbias and dx, added to `grads`.
 template <typename T, typename Acc>
 void max_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const LinearPlan& p, const at::Tensor& argmax,
-                  int64_t activation, at::Tensor& dx_acc, at::Tensor& dweight_acc, at::Tensor& dbias_acc) {
-  const int64_t num_seqs = p.num_seqs, features = weight.size(0), hidden = p.hidden;
+                  int64_t activation, LinearGrads& grads) {
+  const Geometry& g = p.geometry;
+  const int64_t num_seqs = g.num_seqs, features = weight.size(0), hidden = g.hidden;
   const at::Tensor w_c = weight.contiguous(), argmax_c = argmax.contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const T* x_ptr = x.const_data_ptr<T>();
@@ -150,12 +142,10 @@ void max_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor&
   const int32_t* owner = p.row_owner.const_data_ptr<int32_t>();
   const int64_t* first = p.first_row.const_data_ptr<int64_t>();
   const int64_t* length = p.length.const_data_ptr<int64_t>();
-  const RowOffsets offset{std::max<int64_t>(p.seq_len, 1), x.dim() == 3 ? x.stride(0) : 0, x.stride(-2), p.varlen};
-  const int64_t stride_h = x.stride(-1);
   std::vector<Acc> dz(num_seqs * features);
   std::vector<int64_t> token(num_seqs * features);
-  Acc* dweight = dweight_acc.mutable_data_ptr<Acc>();
-  Acc* dbias = dbias_acc.mutable_data_ptr<Acc>();
+  Acc* dweight = grads.dweight.mutable_data_ptr<Acc>();
+  Acc* dbias = grads.dbias.mutable_data_ptr<Acc>();
   const int64_t grain = std::max<int64_t>(1, kParallelWork / std::max<int64_t>(num_seqs * hidden, 1));
   at::parallel_for(0, features, grain, [&](int64_t n0, int64_t n1) {
     std::vector<T> row_buffer;
@@ -171,7 +161,7 @@ void max_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor&
           token[i] = -1;
           continue;
         }
-        const T* x_row = contiguous_slice(x_ptr + offset(t), stride_h, hidden, row_buffer);
+        const T* x_row = contiguous_slice(x_ptr + row_offset(g, t), g.stride_h, hidden, row_buffer);
         Acc z = dot<T, Acc>(x_row, w_row, hidden);
         if (b_ptr != nullptr) z += static_cast<Acc>(b_ptr[n]);
         const Acc d = g_ptr[i] * activation_grad<Acc>(static_cast<int>(activation), z);
@@ -185,7 +175,7 @@ void max_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor&
   });
   // dx: each task owns a chunk of channels of every row and walks (b, n) in order.
   constexpr int64_t kChunk = 64;
-  Acc* dx = dx_acc.mutable_data_ptr<Acc>();
+  Acc* dx = grads.dx.mutable_data_ptr<Acc>();
   const int64_t chunks = (hidden + kChunk - 1) / kChunk;
   const int64_t work = num_seqs * features * hidden;
   at::parallel_for(0, chunks, work < kParallelWork ? chunks : 1, [&](int64_t c0, int64_t c1) {
@@ -230,7 +220,7 @@ void grad_block(at::Tensor& z, const Acc* grad, const int32_t* seq, const Acc* s
 // SUM / MEAN: the projection recomputed block by block (see the file's comment).
 void sum_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const LinearPlan& p, const at::Tensor& den, int64_t mode,
-                  int64_t activation, at::Tensor& dx_acc, at::Tensor& dweight_acc, at::Tensor& dbias_acc) {
+                  int64_t activation, LinearGrads& grads) {
   if (p.entries == 0) return;
   const int64_t features = weight.size(0);
   const at::Tensor w = weight.to(p.acc);
@@ -239,7 +229,7 @@ void sum_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor&
   const int64_t block =
       std::min(linear_block_rows(features, at::elementSize(p.acc), kLinearBackwardWorkspaceBytes), p.entries);
   at::Tensor workspace = at::empty({block, features}, x.options().dtype(p.acc));
-  at::Tensor dx_rows = dx_acc.view({p.num_rows, p.hidden});
+  at::Tensor dx_rows = grads.dx.view({p.geometry.num_rows, p.geometry.hidden});
   AT_DISPATCH_FLOATING_TYPES(p.acc, "linear_bwd_cpu", [&] {
     for (int64_t start = 0; start < p.entries; start += block) {
       const int64_t rows = std::min(block, p.entries - start);
@@ -254,8 +244,8 @@ void sum_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor&
       grad_block<scalar_t>(z, grad.const_data_ptr<scalar_t>(), p.seq.const_data_ptr<int32_t>() + start,
                            scale.const_data_ptr<scalar_t>() + start, rows, activation);
       dx_rows.index_copy_(0, row_ids, at::mm(z, w));  // each kept row in exactly one block
-      dweight_acc.addmm_(z.t(), x_block);
-      dbias_acc.add_(z.sum(0));
+      grads.dweight.addmm_(z.t(), x_block);
+      grads.dbias.add_(z.sum(0));
     }
   });
 }
@@ -267,24 +257,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(
   check_linear_backward(at::kCPU, grad_out, x, weight, bias, mask, cu_seqlens, den, argmax, mode, activation);
   const at::ScalarType acc = accumulation_type(x.scalar_type());
   const at::Tensor grad = grad_out.to(acc).contiguous();
-  // Accumulators in Acc (the outputs themselves for float32 / float64), dx contiguous like x.
-  at::Tensor dx_acc = at::zeros(x.sizes(), x.options().dtype(acc));
-  at::Tensor dweight_acc = at::zeros(weight.sizes(), weight.options().dtype(acc));
-  at::Tensor dbias_acc = at::zeros({weight.size(0)}, weight.options().dtype(acc));
+  LinearGrads grads = linear_grads(x, weight);
   // H = 0 still has tokens: z = bias, and the bias gets act'(bias) from every kept token.
   const int64_t rows = x.dim() == 3 ? x.size(0) * x.size(1) : x.size(0);
   if (rows > 0 && weight.size(0) > 0) {
     const LinearPlan p = make_linear_plan(x, mask, cu_seqlens, mode != kMax, true);
     if (mode == kMax) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "linear_bwd_cpu", [&] {
-        max_backward<scalar_t, at::opmath_type<scalar_t>>(grad, x, weight, bias, p, argmax, activation, dx_acc,
-                                                          dweight_acc, dbias_acc);
+        max_backward<scalar_t, at::opmath_type<scalar_t>>(grad, x, weight, bias, p, argmax, activation, grads);
       });
     } else {
-      sum_backward(grad, x, weight, bias, p, den, mode, activation, dx_acc, dweight_acc, dbias_acc);
+      sum_backward(grad, x, weight, bias, p, den, mode, activation, grads);
     }
   }
-  return {dx_acc.to(x.scalar_type()), dweight_acc.to(weight.scalar_type()), dbias_acc.to(weight.scalar_type())};
+  return finish_linear_backward(grads, x, weight);
 }
 
 }  // namespace

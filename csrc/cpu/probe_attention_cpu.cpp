@@ -59,27 +59,17 @@ inline int64_t block_rows(int64_t hidden) {
   return std::clamp<int64_t>((int64_t{1} << 17) / std::max<int64_t>(hidden, 1), 16, 256);
 }
 
-// Row chunks: sequences longer than chunk_rows are split (their partials merged in order); at most
-// about `pieces` chunks beyond one per sequence, so that the (P, H) partials stay within budget.
+// (P, H) partials allowed: at most 64, within kPartialBudget (from the shapes alone). The forward cuts
+// the rows into about this many chunks beyond one per sequence, the backward into this many groups.
+int64_t partial_pieces(int64_t num_probes, int64_t hidden) {
+  return std::clamp<int64_t>(kPartialBudget / std::max<int64_t>(num_probes * hidden, 1), 1, 64);
+}
+
+// Row chunks: sequences longer than chunk_rows are split (their partials merged in order).
 std::vector<RowChunk> plan_probe_chunks(const Batch& batch, int64_t num_probes) {
   const Geometry& g = batch.geometry;
-  const int64_t pieces = std::clamp<int64_t>(kPartialBudget / std::max<int64_t>(num_probes * g.hidden, 1), 1, 64);
-  const int64_t chunk_rows = std::max(kMinChunkRows, (g.num_rows + pieces - 1) / pieces);
-  const int64_t budget = g.num_rows / chunk_rows + g.num_seqs;
-  std::vector<RowChunk> chunks;
-  chunks.reserve(g.num_seqs);
-  for (int64_t seq = 0; seq < g.num_seqs; ++seq) {
-    int64_t start = 0, end = g.seq_len;
-    if (g.varlen) segment_bounds(batch.cu_seqlens, seq, g.num_rows, start, end);
-    const int64_t count = (end - start + chunk_rows - 1) / chunk_rows;
-    if (count <= 1 || static_cast<int64_t>(chunks.size()) + count + (g.num_seqs - seq - 1) > budget) {
-      chunks.push_back({seq, start, end, start, true});
-      continue;
-    }
-    for (int64_t first = start; first < end; first += chunk_rows)
-      chunks.push_back({seq, first, std::min(first + chunk_rows, end), start, false});
-  }
-  return chunks;
+  const int64_t pieces = partial_pieces(num_probes, g.hidden);
+  return plan_row_chunks(batch, std::max(kMinChunkRows, (g.num_rows + pieces - 1) / pieces));
 }
 
 template <typename Acc>
@@ -124,7 +114,7 @@ RowBlock<Acc> next_block(const T* x_seq, const Batch& batch, int64_t seq, int64_
   return {scratch.gathered.data(), g.hidden, count, consecutive};
 }
 
-// The block's rows as a (count, H) matrix, and transposed (H, count).
+// The block's rows as a (count, H) matrix.
 template <typename Acc>
 at::Tensor rows_of(const RowBlock<Acc>& block, int64_t hidden) {
   return view(block.data, block.count, hidden, block.ld, 1);
@@ -235,9 +225,7 @@ void probe_forward_kernel(const at::Tensor& x, const Batch& batch, const Acc* pr
     if (chunk.whole_sequence) write_probes(state, out_seq, stats_ptr + chunk.seq * P * 2, P, hidden);
   });
   // Merge the chunks of split sequences in row order.
-  std::vector<int64_t> starts;
-  for (size_t i = 0; i < chunks.size(); ++i)
-    if (!chunks[i].whole_sequence && (i == 0 || chunks[i - 1].seq != chunks[i].seq)) starts.push_back(i);
+  const std::vector<int64_t> starts = split_sequence_starts(chunks);
   parallel_tasks<int>(static_cast<int64_t>(starts.size()), work, [&](int64_t task, int&) {
     const size_t first = starts[task];
     const int64_t seq = chunks[first].seq;
@@ -425,8 +413,7 @@ std::tuple<at::Tensor, at::Tensor> probe_attention_bwd_cpu(const at::Tensor& gra
   const at::Tensor g_out = (grad * out).sum(-1).contiguous();
   const at::Tensor stats_c = stats.contiguous();
   const std::vector<RowChunk> chunks = plan_probe_chunks(batch, P);
-  const int64_t pieces = std::clamp<int64_t>(kPartialBudget / std::max<int64_t>(P * g.hidden, 1), 1, 64);
-  const std::vector<int64_t> starts = group_starts(chunks, pieces);
+  const std::vector<int64_t> starts = group_starts(chunks, partial_pieces(P, g.hidden));
   at::Tensor parts = at::empty({static_cast<int64_t>(starts.size()) - 1, P, g.hidden}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "probe_attention_bwd_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;

@@ -122,8 +122,7 @@ std::tuple<at::Tensor, at::Tensor> attention_grads(const at::Tensor& grad_out, c
   args.ds = ds.mutable_data_ptr();
   // Vector loads of x and stores of dx (contiguous) both need the width to fit.
   args.vec = std::min(vector_width(g, args.x, x.element_size(), args.head_dim),
-                      vector_width({g.num_seqs, g.seq_len, g.num_rows, g.hidden, g.seq_len * g.hidden, g.hidden, 1, g.varlen},
-                                   args.dx, x.element_size(), args.head_dim));
+                      vector_width(contiguous_geometry(g), args.dx, x.element_size(), args.head_dim));
   check_launched(cuda::attention_backward(args, c10::cuda::getCurrentCUDAStream()), "fused_pool::ext_attention_bwd",
                  x.sizes());
   return {dx, ds};

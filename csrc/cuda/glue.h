@@ -33,6 +33,11 @@ inline int vector_width(const Geometry& g, const void* data, int64_t element_siz
   return aligned ? static_cast<int>(vec) : 1;
 }
 
+// The geometry of a contiguous tensor shaped like g's x (such as dx): (B, L, H) or (T, H) row-major.
+inline Geometry contiguous_geometry(const Geometry& g) {
+  return {g.num_seqs, g.seq_len, g.num_rows, g.hidden, g.seq_len * g.hidden, g.hidden, 1, g.varlen};
+}
+
 // t contiguous with its data 16-byte aligned (a copy only for a view that starts misaligned): the
 // kernels read such small (B, H)-sized buffers with 16-byte vector loads.
 inline at::Tensor contiguous_aligned(const at::Tensor& t) {

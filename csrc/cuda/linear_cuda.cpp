@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor&
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t features = weight.size(0);
   const LinearPlan p = make_linear_plan(x, mask, cu_seqlens, true, false);
-  LinearStates s = linear_states(x, p.num_seqs, features, mode);
+  LinearStates s = linear_states(x, p.geometry.num_seqs, features, mode);
   if (p.entries == 0 || features == 0) return finish_linear_forward(s, mode, x.scalar_type());
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t block = std::min(linear_block_rows(features, at::elementSize(p.acc)), p.entries);
@@ -70,20 +70,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor&
 }
 
 void max_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias_c,
-                  const LinearPlan& p, const at::Tensor& argmax, int64_t activation, at::Tensor& dx_acc,
-                  at::Tensor& dweight_acc, at::Tensor& dbias_acc) {
-  const int64_t features = weight.size(0);
+                  const LinearPlan& p, const at::Tensor& argmax, int64_t activation, LinearGrads& grads) {
+  const int64_t features = weight.size(0), num_rows = p.geometry.num_rows;
   const at::Tensor w_c = weight.contiguous(), argmax_c = argmax.contiguous();
-  at::Tensor dz = at::empty({p.num_seqs, features}, grad.options());
-  at::Tensor token = at::empty({p.num_seqs, features}, grad.options().dtype(at::kLong));
+  at::Tensor dz = at::empty({p.geometry.num_seqs, features}, grad.options());
+  at::Tensor token = at::empty({p.geometry.num_seqs, features}, grad.options().dtype(at::kLong));
   cuda::LinearMaxGrad g{};
   g.x = x.const_data_ptr();
   g.dtype = cuda_dtype(x.scalar_type());
-  g.seq_len = std::max<int64_t>(p.seq_len, 1);
-  g.stride_b = x.dim() == 3 ? x.stride(0) : 0;
-  g.stride_row = x.stride(-2);
-  g.stride_h = x.stride(-1);
-  g.varlen = p.varlen;
+  g.geometry = p.geometry;
   g.weight = w_c.const_data_ptr();
   g.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
   g.grad = grad.const_data_ptr();
@@ -91,42 +86,39 @@ void max_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor&
   g.owner = p.row_owner.const_data_ptr<int32_t>();
   g.first_row = p.first_row.const_data_ptr<int64_t>();
   g.length = p.length.const_data_ptr<int64_t>();
-  g.num_seqs = p.num_seqs;
   g.features = features;
-  g.hidden = p.hidden;
   g.activation = static_cast<int>(activation);
   g.dz = dz.mutable_data_ptr();
   g.token = token.mutable_data_ptr<int64_t>();
-  g.dweight = dweight_acc.mutable_data_ptr();
-  g.dbias = dbias_acc.mutable_data_ptr();
+  g.dweight = grads.dweight.mutable_data_ptr();
+  g.dbias = grads.dbias.mutable_data_ptr();
   check_launched(cuda::linear_max_grad(g, c10::cuda::getCurrentCUDAStream()), kBackward, x.sizes());
   // The (b, n) pairs sorted by token (stable: increasing (b, n) within a token; none last).
-  const at::Tensor keys = at::where(token.ge(0), token, p.num_rows).reshape({-1});
+  const at::Tensor keys = at::where(token.ge(0), token, num_rows).reshape({-1});
   const auto [sorted, order] = at::sort(keys, /*stable=*/true, 0, false);
-  const at::Tensor offsets = at::searchsorted(sorted, at::arange(p.num_rows + 1, keys.options()));
+  const at::Tensor offsets = at::searchsorted(sorted, at::arange(num_rows + 1, keys.options()));
   cuda::LinearMaxDx d{};
   d.order = order.const_data_ptr<int64_t>();
   d.offsets = offsets.const_data_ptr<int64_t>();
   d.dz = dz.const_data_ptr();
   d.weight = w_c.const_data_ptr();
   d.dtype = g.dtype;
-  d.num_rows = p.num_rows;
+  d.num_rows = num_rows;
   d.features = features;
-  d.hidden = p.hidden;
-  d.dx = dx_acc.mutable_data_ptr();
+  d.hidden = p.geometry.hidden;
+  d.dx = grads.dx.mutable_data_ptr();
   check_launched(cuda::linear_max_dx(d, c10::cuda::getCurrentCUDAStream()), kBackward, x.sizes());
 }
 
 void sum_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias_c,
-                  const LinearPlan& p, const at::Tensor& den, int64_t mode, int64_t activation, at::Tensor& dx_acc,
-                  at::Tensor& dweight_acc, at::Tensor& dbias_acc) {
+                  const LinearPlan& p, const at::Tensor& den, int64_t mode, int64_t activation, LinearGrads& grads) {
   const int64_t features = weight.size(0);
   const at::Tensor w = weight.to(p.acc);
   const at::Tensor scale = linear_backward_scale(p, den, mode);
   const int64_t block =
       std::min(linear_block_rows(features, at::elementSize(p.acc), kLinearBackwardWorkspaceBytes), p.entries);
   at::Tensor workspace = at::empty({block, features}, x.options().dtype(p.acc));
-  at::Tensor dx_rows = dx_acc.view({p.num_rows, p.hidden});
+  at::Tensor dx_rows = grads.dx.view({p.geometry.num_rows, p.geometry.hidden});
   cuda::LinearGradEpilogue args{};
   args.dtype = cuda_dtype(x.scalar_type());
   args.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
@@ -145,8 +137,8 @@ void sum_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor&
     args.scale = static_cast<const char*>(scale.const_data_ptr()) + start * scale.element_size();
     check_launched(cuda::linear_grad_epilogue(args, c10::cuda::getCurrentCUDAStream()), kBackward, x.sizes());
     dx_rows.index_copy_(0, row_ids, at::mm(z, w));  // each row in exactly one block (0 if not kept)
-    dweight_acc.addmm_(z.t(), x_block);
-    dbias_acc.add_(z.sum(0));
+    grads.dweight.addmm_(z.t(), x_block);
+    grads.dbias.add_(z.sum(0));
   }
 }
 
@@ -159,20 +151,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(
   const at::ScalarType acc = accumulation_type(x.scalar_type());
   const at::Tensor grad = grad_out.to(acc).contiguous();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor dx_acc = at::zeros(x.sizes(), x.options().dtype(acc));
-  at::Tensor dweight_acc = at::zeros(weight.sizes(), weight.options().dtype(acc));
-  at::Tensor dbias_acc = at::zeros({weight.size(0)}, weight.options().dtype(acc));
+  LinearGrads grads = linear_grads(x, weight);
   // H = 0 still has tokens: z = bias, and the bias gets act'(bias) from every kept token.
   const int64_t rows = x.dim() == 3 ? x.size(0) * x.size(1) : x.size(0);
   if (rows > 0 && weight.size(0) > 0) {
     const LinearPlan p = make_linear_plan(x, mask, cu_seqlens, mode != kMax, false);
     if (mode == kMax) {
-      max_backward(grad, x, weight, bias_c, p, argmax, activation, dx_acc, dweight_acc, dbias_acc);
+      max_backward(grad, x, weight, bias_c, p, argmax, activation, grads);
     } else {
-      sum_backward(grad, x, weight, bias_c, p, den, mode, activation, dx_acc, dweight_acc, dbias_acc);
+      sum_backward(grad, x, weight, bias_c, p, den, mode, activation, grads);
     }
   }
-  return {dx_acc.to(x.scalar_type()), dweight_acc.to(weight.scalar_type()), dbias_acc.to(weight.scalar_type())};
+  return finish_linear_backward(grads, x, weight);
 }
 
 }  // namespace

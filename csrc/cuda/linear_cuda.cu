@@ -105,14 +105,15 @@ template <typename T>
 __global__ void __launch_bounds__(kDotThreads) linear_max_grad_kernel(LinearMaxGrad a) {
   using Acc = typename AccOf<T>::type;
   __shared__ Acc shared[kDotThreads / kWarp];
+  const Geometry& g = a.geometry;
   const int64_t n = blockIdx.x;
   const T* x = static_cast<const T*>(a.x);
-  const T* w_row = static_cast<const T*>(a.weight) + n * a.hidden;
-  Acc* dw_row = static_cast<Acc*>(a.dweight) + n * a.hidden;
+  const T* w_row = static_cast<const T*>(a.weight) + n * g.hidden;
+  Acc* dw_row = static_cast<Acc*>(a.dweight) + n * g.hidden;
   const Acc* grad = static_cast<const Acc*>(a.grad);
   const Acc b = bias_at<T>(a.bias, n);
   Acc db = Acc(0);
-  for (int64_t seq = 0; seq < a.num_seqs; ++seq) {
+  for (int64_t seq = 0; seq < g.num_seqs; ++seq) {
     const int64_t i = seq * a.features + n;
     const int64_t index = a.argmax[i];
     const int64_t t = a.first_row[seq] + index;
@@ -124,13 +125,13 @@ __global__ void __launch_bounds__(kDotThreads) linear_max_grad_kernel(LinearMaxG
       }
       continue;
     }
-    const T* x_row = x + (a.varlen ? t * a.stride_row : (t / a.seq_len) * a.stride_b + (t % a.seq_len) * a.stride_row);
+    const T* x_row = x + row_offset(g, t);
     Acc partial = Acc(0);
-    for (int64_t h = threadIdx.x; h < a.hidden; h += kDotThreads)
-      partial += to_acc(x_row[h * a.stride_h]) * to_acc(w_row[h]);
+    for (int64_t h = threadIdx.x; h < g.hidden; h += kDotThreads)
+      partial += to_acc(x_row[h * g.stride_h]) * to_acc(w_row[h]);
     const Acc z = block_sum(partial, shared) + b;
     const Acc dz = grad[i] * activation_grad<Acc>(a.activation, z);
-    for (int64_t h = threadIdx.x; h < a.hidden; h += kDotThreads) dw_row[h] += dz * to_acc(x_row[h * a.stride_h]);
+    for (int64_t h = threadIdx.x; h < g.hidden; h += kDotThreads) dw_row[h] += dz * to_acc(x_row[h * g.stride_h]);
     db += dz;
     if (threadIdx.x == 0) {
       static_cast<Acc*>(a.dz)[i] = dz;

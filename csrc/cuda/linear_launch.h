@@ -52,8 +52,7 @@ struct LinearGradEpilogue {
 struct LinearMaxGrad {
   const void* x;          // padded (B, L, H) or varlen (T, H), any strides
   DType dtype;
-  int64_t seq_len, stride_b, stride_row, stride_h;  // seq_len, stride_b: padded only
-  bool varlen;
+  Geometry geometry;      // x's
   const void* weight;     // (N, H) contiguous
   const void* bias;       // (N,) or nullptr
   const void* grad;       // (B, N) Acc, contiguous
@@ -61,7 +60,7 @@ struct LinearMaxGrad {
   const int32_t* owner;   // (num_rows,): the sequence of each kept row, -1 otherwise
   const int64_t* first_row;  // (B,)
   const int64_t* length;     // (B,)
-  int64_t num_seqs, features, hidden;
+  int64_t features;
   int activation;
   void* dz;               // (B, N) Acc
   int64_t* token;         // (B, N)

@@ -12,6 +12,24 @@
 namespace fused_pool {
 namespace {
 
+// The dots' arguments shared by the forward (scores) and the backward (which adds grad, g_out and
+// stats for the coefficients): x, probes_acc (P, H) Acc contiguous and aligned, `result` written.
+cuda::ProbeDots probe_dots_args(const at::Tensor& x, const Batch& batch, const at::Tensor& probes_acc, double scale,
+                                at::Tensor& result) {
+  cuda::ProbeDots dots{};
+  dots.x = x.const_data_ptr();
+  dots.dtype = cuda_dtype(x.scalar_type());
+  dots.geometry = batch.geometry;
+  dots.mask = batch.mask;
+  dots.cu_seqlens = batch.cu_seqlens;
+  dots.probes = probes_acc.const_data_ptr();
+  dots.num_probes = probes_acc.size(0);
+  dots.scale = scale;
+  dots.result = result.mutable_data_ptr();
+  dots.vec = vector_width(batch.geometry, dots.x, x.element_size(), batch.geometry.hidden);
+  return dots;
+}
+
 std::tuple<at::Tensor, at::Tensor> probe_attention_fwd_cuda(const at::Tensor& x, const at::Tensor& probes,
                                                             const std::optional<at::Tensor>& mask,
                                                             const std::optional<at::Tensor>& cu_seqlens,
@@ -28,19 +46,7 @@ std::tuple<at::Tensor, at::Tensor> probe_attention_fwd_cuda(const at::Tensor& x,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor probes_acc = contiguous_aligned(probes.to(acc));  // 16-byte vector loads
   at::Tensor scores = at::empty({g.num_rows, P}, x.options().dtype(acc));  // O(B L P)
-  const int vec = vector_width(g, x.const_data_ptr(), x.element_size(), g.hidden);
-
-  cuda::ProbeDots dots{};
-  dots.x = x.const_data_ptr();
-  dots.dtype = cuda_dtype(x.scalar_type());
-  dots.geometry = g;
-  dots.mask = batch.mask;
-  dots.cu_seqlens = batch.cu_seqlens;
-  dots.probes = probes_acc.const_data_ptr();
-  dots.num_probes = P;
-  dots.scale = scale;
-  dots.result = scores.mutable_data_ptr();
-  dots.vec = vec;
+  const cuda::ProbeDots dots = probe_dots_args(x, batch, probes_acc, scale, scores);
   check_launched(cuda::probe_dots(dots, stream), "fused_pool::ext_probe_attention_fwd", x.sizes());
 
   cuda::ProbeForward args{};
@@ -53,9 +59,9 @@ std::tuple<at::Tensor, at::Tensor> probe_attention_fwd_cuda(const at::Tensor& x,
   args.num_probes = P;
   args.out = out.mutable_data_ptr();
   args.stats = stats.mutable_data_ptr();
-  args.vec = vec;
-  const int64_t groups = cuda::ceil_div(P, cuda::probes_per_thread(args.dtype));
-  const int64_t tiles = groups * std::max<int64_t>(1, cuda::ceil_div(g.hidden, 32 * vec));
+  args.vec = dots.vec;
+  // At least one channel tile: the stats are written when H = 0.
+  const int64_t tiles = cuda::probe_tiles(args.dtype, P, std::max<int64_t>(g.hidden, 1), args.vec);
   at::Tensor offsets, part_m, part_l, part_acc;
   args.plan = plan_on_device(batch, max_seqlen, tiles, offsets, x.options());
   if (args.plan.split) {
@@ -89,22 +95,10 @@ std::tuple<at::Tensor, at::Tensor> probe_attention_bwd_cuda(const at::Tensor& gr
   const at::Tensor g_out = (grad * out).sum(-1).contiguous();  // (B, P): g_p . out_p
   const at::Tensor stats_c = stats.contiguous();
   at::Tensor coef = at::empty({g.num_rows, 2 * P}, out.options());  // O(B L P)
-  const int vec = vector_width(g, x.const_data_ptr(), x.element_size(), g.hidden);
-
-  cuda::ProbeDots dots{};
-  dots.x = x.const_data_ptr();
-  dots.dtype = cuda_dtype(x.scalar_type());
-  dots.geometry = g;
-  dots.mask = batch.mask;
-  dots.cu_seqlens = batch.cu_seqlens;
-  dots.probes = probes_acc.const_data_ptr();
-  dots.num_probes = P;
-  dots.scale = scale;
+  cuda::ProbeDots dots = probe_dots_args(x, batch, probes_acc, scale, coef);
   dots.grad = grad.const_data_ptr();
   dots.g_out = g_out.const_data_ptr();
   dots.stats = stats_c.const_data_ptr();
-  dots.result = coef.mutable_data_ptr();
-  dots.vec = vec;
   check_launched(cuda::probe_dots(dots, stream), "fused_pool::ext_probe_attention_bwd", x.sizes());
 
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -118,8 +112,7 @@ std::tuple<at::Tensor, at::Tensor> probe_attention_bwd_cuda(const at::Tensor& gr
   input.cu_seqlens = batch.cu_seqlens;
   input.num_probes = P;
   input.dx = dx.mutable_data_ptr();
-  input.vec = vector_width({g.num_seqs, g.seq_len, g.num_rows, g.hidden, g.seq_len * g.hidden, g.hidden, 1, g.varlen},
-                           input.dx, x.element_size(), g.hidden);
+  input.vec = vector_width(contiguous_geometry(g), input.dx, x.element_size(), g.hidden);
   check_launched(cuda::probe_input_grad(input, stream), "fused_pool::ext_probe_attention_bwd", x.sizes());
 
   // dprobes: per-chunk partials summed over chunks in order (deterministic), at most 64 of them.
@@ -129,9 +122,8 @@ std::tuple<at::Tensor, at::Tensor> probe_attention_bwd_cuda(const at::Tensor& gr
   args.geometry = g;
   args.coef = coef.const_data_ptr();
   args.num_probes = P;
-  args.vec = vec;
-  const int64_t tiles =
-      cuda::ceil_div(P, cuda::probes_per_thread(args.dtype)) * cuda::ceil_div(g.hidden, 32 * static_cast<int64_t>(vec));
+  args.vec = dots.vec;
+  const int64_t tiles = cuda::probe_tiles(args.dtype, P, g.hidden, args.vec);
   const int64_t blocks = 2 * multiprocessors() * 8;
   args.rows_per_chunk = std::max<int64_t>({256, cuda::ceil_div(g.num_rows * std::max<int64_t>(tiles, 1), blocks),
                                            cuda::ceil_div(g.num_rows, 64)});

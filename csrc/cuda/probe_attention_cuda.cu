@@ -22,7 +22,7 @@ namespace {
 constexpr int kProbeRowsInFlight = 2;  // rows each forward thread loads before it accumulates them
 
 template <typename Acc>
-constexpr int kProbesPerThread = sizeof(Acc) == 8 ? 2 : 4;  // = probes_per_thread(dtype)
+constexpr int kProbesPerThread = probes_per_thread(sizeof(Acc) == 8 ? kFloat64 : kFloat32);
 
 // One warp per (row, group of PB probes): the dots x_row . probes[p] (and, backward, x_row . g[seq, p]).
 template <typename T, int VEC, bool BACKWARD>
@@ -105,6 +105,20 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>) probe_d
   }
 }
 
+// The block's tile grid_y() of ceil(P / PB) probe groups (major) x channel_tiles: p0, the group's
+// first probe, its channel tile, and c, this thread's first channel. false past the last tile
+// (folded grid): the whole block exits.
+template <int PB, int VEC>
+__device__ __forceinline__ bool probe_tile(int64_t num_probes, int64_t channel_tiles, int64_t& p0,
+                                           int64_t& channel_tile, int64_t& c) {
+  const int64_t tile = grid_y();
+  if (tile >= ceil_div(num_probes, PB) * channel_tiles) return false;
+  p0 = (tile / channel_tiles) * PB;
+  channel_tile = tile % channel_tiles;
+  c = channel_tile * kWarp * VEC + threadIdx.x * VEC;
+  return true;
+}
+
 // Online softmax state of PB probes over VEC channels.
 template <typename Acc, int PB, int VEC>
 struct ProbeSoftmax {
@@ -160,11 +174,8 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>) probe_f
   const Geometry& g = a.geometry;
   const int64_t P = a.num_probes, H = g.hidden;
   // At least one channel tile, so that stats are written when H = 0.
-  const int64_t channel_tiles = H > 0 ? ceil_div(H, kWarp * VEC) : 1;
-  const int64_t tile = grid_y();
-  if (tile >= ceil_div(P, PB) * channel_tiles) return;  // past the last tile (folded grid): the whole block
-  const int64_t p0 = (tile / channel_tiles) * PB;
-  const int64_t c = (tile % channel_tiles) * kWarp * VEC + threadIdx.x * VEC;
+  int64_t p0, channel_tile, c;
+  if (!probe_tile<PB, VEC>(P, H > 0 ? ceil_div(H, kWarp * VEC) : 1, p0, channel_tile, c)) return;
   const bool active = c < H;
   const ChunkRange range = block_chunk(blockIdx.x, g, a.cu_seqlens, a.plan);
   const int32_t count = static_cast<int32_t>(range.last - range.first);  // < 2^31 rows: plan_split
@@ -202,7 +213,7 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>) probe_f
   __syncthreads();
   if (threadIdx.y != 0) return;
   for (int y = 1; y < kRowGroups; ++y) st.merge(shared[y][threadIdx.x]);
-  const bool writes_stats = tile % channel_tiles == 0 && threadIdx.x == 0;
+  const bool writes_stats = channel_tile == 0 && threadIdx.x == 0;
 #pragma unroll
   for (int k = 0; k < PB; ++k) {
     const int64_t p = p0 + k;
@@ -293,11 +304,8 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>) probe_p
   constexpr int PB = kProbesPerThread<Acc>;
   const Geometry& g = a.geometry;
   const int64_t P = a.num_probes, H = g.hidden;
-  const int64_t channel_tiles = ceil_div(H, kWarp * VEC);
-  const int64_t tile = grid_y();
-  if (tile >= ceil_div(P, PB) * channel_tiles) return;  // past the last tile (folded grid): the whole block
-  const int64_t p0 = (tile / channel_tiles) * PB;
-  const int64_t c = (tile % channel_tiles) * kWarp * VEC + threadIdx.x * VEC;
+  int64_t p0, channel_tile, c;
+  if (!probe_tile<PB, VEC>(P, ceil_div(H, kWarp * VEC), p0, channel_tile, c)) return;
   const bool active = c < H;
   const Acc* coef = static_cast<const Acc*>(a.coef);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * a.rows_per_chunk;
@@ -312,10 +320,8 @@ __global__ void __launch_bounds__(kWarp* kRowGroups, kMinBlocksPerSm<T>) probe_p
       any |= w[k] != Acc(0);
     }
     if (!any) continue;  // padding, empty probes, rows with no weight: x not read
-    // Row of x: (b, l) padded, t varlen (the sequence does not matter).
-    const int64_t offset = g.varlen ? row * g.stride_row : (row / g.seq_len) * g.stride_b + (row % g.seq_len) * g.stride_row;
-    Acc v[VEC];
-    load_channels<T, VEC>(static_cast<const T*>(a.x) + offset, c, g.stride_h, v);
+    Acc v[VEC];  // row (b, l) padded, t varlen: the sequence does not matter
+    load_channels<T, VEC>(static_cast<const T*>(a.x) + row_offset(g, row), c, g.stride_h, v);
 #pragma unroll
     for (int k = 0; k < PB; ++k) {
 #pragma unroll
@@ -365,8 +371,8 @@ template <typename T, int VEC>
 struct LaunchForward {
   static bool run(const ProbeForward& a, cudaStream_t stream) {
     using Acc = typename AccOf<T>::type;
-    const int64_t H = a.geometry.hidden;
-    const int64_t tiles = ceil_div(a.num_probes, kProbesPerThread<Acc>) * (H > 0 ? ceil_div(H, kWarp * VEC) : 1);
+    // At least one channel tile: the stats are written when H = 0.
+    const int64_t tiles = probe_tiles(a.dtype, a.num_probes, std::max<int64_t>(a.geometry.hidden, 1), VEC);
     const LaunchGrid grid = launch_grid(a.plan.num_chunks, tiles);
     const LaunchGrid combine = launch_grid(a.plan.split ? a.geometry.num_seqs : 0, a.num_probes);
     if (!grid.ok || !combine.ok) return false;
@@ -391,8 +397,7 @@ struct LaunchInputGrad {
 template <typename T, int VEC>
 struct LaunchProbesGrad {
   static bool run(const ProbeGrad& a, cudaStream_t stream) {
-    using Acc = typename AccOf<T>::type;
-    const int64_t tiles = ceil_div(a.num_probes, kProbesPerThread<Acc>) * ceil_div(a.geometry.hidden, kWarp * VEC);
+    const int64_t tiles = probe_tiles(a.dtype, a.num_probes, a.geometry.hidden, VEC);
     const LaunchGrid grid = launch_grid(ceil_div(a.geometry.num_rows, a.rows_per_chunk), tiles);
     if (!grid.ok) return false;
     if (!grid.empty) probe_probes_grad_kernel<T, VEC><<<grid.grid, dim3(kWarp, kRowGroups), 0, stream>>>(a);

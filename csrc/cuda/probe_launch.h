@@ -15,7 +15,12 @@ namespace fused_pool {
 namespace cuda {
 
 // Probes one thread (forward, dprobes) or one warp (dots) handles: fewer for float64 (registers).
-inline int64_t probes_per_thread(DType dtype) { return dtype == kFloat64 ? 2 : 4; }
+constexpr FP_HOST_DEVICE int probes_per_thread(DType dtype) { return dtype == kFloat64 ? 2 : 4; }
+
+// Blocks of the forward and dprobes grids per row chunk: probe groups x channel tiles of 32 * vec.
+FP_HOST_DEVICE int64_t probe_tiles(DType dtype, int64_t num_probes, int64_t hidden, int64_t vec) {
+  return ceil_div(num_probes, probes_per_thread(dtype)) * ceil_div(hidden, 32 * vec);
+}
 
 // Per row of x, with probes (P, H) Acc: the forward's scores s[row, p] = scale * x_row . probes[p]
 // (-inf where the mask drops the row), or the backward's coefficients coef[row] = [scale ds_p, p_p]

@@ -5,44 +5,22 @@ MLM logits, log(1 + relu), masked max / sum), outputs and gradients, padded and 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
-from helpers import assert_close, cu_seqlens_of, make_generator, make_mask, poison_padding
+from helpers import (
+    assert_close,
+    cpu_kernel_backends,
+    cu_seqlens_of,
+    make_generator,
+    make_mask,
+    poison_padding,
+)
 from torch import nn
 
 from fused_pool import reference
-from fused_pool.backends import extension, unavailable_reason
 from fused_pool.nn import LinearPool, SpladeHead
 
-
-def _has_extension_linear() -> bool:
-    return extension() is not None and hasattr(torch.ops.fused_pool, "ext_linear_fwd")
-
-
-def _has_triton_linear() -> bool:
-    if unavailable_reason("triton", torch.device("cpu")) is not None:
-        return False
-    return importlib.util.find_spec("fused_pool.triton_kernels.linear") is not None
-
-
-# linear_pool's backends that run on CPU tensors here; each one skips until its kernels exist.
-LINEAR_BACKENDS = [
-    pytest.param("torch", id="torch"),
-    pytest.param(
-        "cpu",
-        id="cpu",
-        marks=pytest.mark.skipif(
-            not _has_extension_linear(), reason="the extension has no fused_pool::ext_linear_fwd yet"
-        ),
-    ),
-    pytest.param(
-        "triton",
-        id="triton",
-        marks=pytest.mark.skipif(not _has_triton_linear(), reason="no Triton linear kernels here yet"),
-    ),
-]
+LINEAR_BACKENDS = cpu_kernel_backends("linear")  # linear_pool's backends that run on CPU tensors here
 
 
 # --- LinearPool ------------------------------------------------------------------------------------

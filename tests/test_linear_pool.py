@@ -5,16 +5,14 @@ opcheck, argument errors; the memory bounds are in test_linear_memory.py. Also t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from helpers import (
-    HAS_CUDA_EXTENSION,
     MASKS,
     assert_close,
     assert_within_reference_error,
     cu_seqlens_of,
+    kernel_backends,
     make_generator,
     make_mask,
     outputs_and_grads,
@@ -25,7 +23,6 @@ from helpers import (
 
 import fused_pool
 from fused_pool import reference
-from fused_pool.backends import extension, unavailable_reason
 from fused_pool.contract import ACTIVATIONS, MAX, MEAN, SUM
 from fused_pool.ops import kernels
 
@@ -34,20 +31,7 @@ ACTIVATION_NAMES = [None, *ACTIVATIONS[1:]]
 NAN = float("nan")
 
 
-def _linear_backends() -> list:
-    """(backend, device) pairs that run linear_pool here: "torch" always; "triton" once
-    triton_kernels/linear.py exists; "cpu" / "cuda" once the extension has ext_linear_fwd."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    has_triton = (Path(fused_pool.__file__).parent / "triton_kernels" / "linear.py").exists()
-    has_ext = extension() is not None and hasattr(torch.ops.fused_pool, "ext_linear_fwd")
-    pairs = [("torch", d) for d in devices]
-    pairs += [("triton", d) for d in devices if has_triton]
-    pairs += [("cpu", "cpu")] * has_ext + [("cuda", "cuda")] * (has_ext and HAS_CUDA_EXTENSION)
-    runs = [(b, d) for b, d in pairs if unavailable_reason(b, torch.device(d)) is None]
-    return [pytest.param(b, d, id=f"{b}-{d}") for b, d in runs]
-
-
-LINEAR_BACKENDS = _linear_backends()
+LINEAR_BACKENDS = kernel_backends("linear")  # (backend, device) pairs that run linear_pool here
 backends = pytest.mark.parametrize("backend, device", LINEAR_BACKENDS)
 
 

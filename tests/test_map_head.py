@@ -6,15 +6,18 @@ parameter, state_dict names, masks, varlen, empty sequences, argument checks."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close, assert_within_reference_error, make_generator, poison_padding
+from helpers import (
+    assert_close,
+    assert_within_reference_error,
+    cpu_kernel_backends,
+    make_generator,
+    poison_padding,
+)
 from torch import nn
 
-import fused_pool
-from fused_pool.backends import extension, unavailable_reason
 from fused_pool.nn import MAPHead
 
 pytest.importorskip("transformers")
@@ -26,19 +29,7 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2MultiheadAttenti
 HIDDEN, HEADS, INTERMEDIATE = 48, 4, 40  # head_dim 12, an MLP width that is not 4 H
 
 
-def _backends() -> list[str]:
-    """torch, plus the fused backends whose probe_attention kernels exist in this checkout."""
-    cpu = torch.device("cpu")
-    found = ["torch"]
-    if extension() is not None and hasattr(torch.ops.fused_pool, "ext_probe_attention_fwd"):
-        found.append("cpu")
-    probe_kernels = Path(fused_pool.__file__).parent / "triton_kernels" / "probe.py"
-    if probe_kernels.exists() and unavailable_reason("triton", cpu) is None:
-        found.append("triton")
-    return found
-
-
-BACKENDS = _backends()
+BACKENDS = cpu_kernel_backends("probe_attention")  # torch, and the fused backends with its kernels here
 DTYPES = [torch.float32, torch.bfloat16]
 
 

@@ -30,34 +30,16 @@ __all__ = ["LinearPool", "SpladeHead", "autocast_linear_pool", "masked_lm_head"]
 
 
 def autocast_linear_pool(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    mask: Tensor | None = None,
-    *,
-    cu_seqlens: Tensor | None = None,
-    max_seqlen: int | None = None,
-    mode: str = "max",
-    activation: str | None = None,
-    backend: str | None = None,
+    x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None = None, **options
 ) -> Tensor:
-    """fused_pool.linear_pool with x, weight and bias in autocast's dtype where autocast is on for x's
-    device (as F.linear runs there: mixed-precision training of a float32 model), else as they are."""
+    """fused_pool.linear_pool(x, weight, bias, mask, **options) with x, weight and bias in autocast's
+    dtype where autocast is on for x's device (as F.linear runs there: mixed-precision training of a
+    float32 model), else as they are."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    return F.linear_pool(
-        x,
-        weight,
-        bias,
-        mask,
-        cu_seqlens=cu_seqlens,
-        max_seqlen=max_seqlen,
-        mode=mode,
-        activation=activation,
-        backend=backend,
-    )
+    return F.linear_pool(x, weight, bias, mask, **options)
 
 
 def _require_linear(name: str, module: object) -> None:

@@ -21,8 +21,6 @@ table.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import statistics
 import sys
@@ -207,20 +205,13 @@ def main() -> None:
         mp.start_processes(_worker, args=spawn_args, nprocs=args.world_size, start_method="spawn")
         rows = json.loads(Path(tmp, "rows.json").read_text())
 
-    from environment import environment  # the device / version / commit columns
+    from environment import environment, results_csv, write_rows  # the device / version / commit columns
 
     env = environment("cpu")
     for row in rows:
         row.update({k: env[k] for k in ("device", "torch", "commit", "date")})
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "-".join("".join(c if c.isalnum() else " " for c in env["device"].lower()).split())
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    path = args.out / f"distributed_{slug}_{stamp}.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
+    path = results_csv(args.out, "distributed", env["device"])
+    write_rows(path, rows, COLUMNS, ".4g")
     print_table(rows)
     print(f"\nwrote {path}")
 

@@ -1,8 +1,9 @@
 """Where a benchmark row was measured: the device, the versions, the commit and the date (the columns
-every benchmarks/*.py CSV carries)."""
+every benchmarks/*.py CSV carries), and where its CSV goes."""
 
 from __future__ import annotations
 
+import csv
 import datetime
 import os
 import platform
@@ -59,3 +60,25 @@ def environment(device: str) -> dict[str, str]:
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
     }
+
+
+def results_csv(out: Path | str, name: str, device: str, quick: bool = False) -> Path:
+    """out/<name>_<device>_<date-time>[_quick].csv (no "<name>_" for an empty name), the device's name
+    as a slug ("intel-r-xeon-r-..."): one file per run, never overwritten. Creates `out`."""
+    slug = "-".join("".join(c if c.isalnum() else " " for c in device.lower()).split())
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{name + '_' if name else ''}{slug}_{stamp}{'_quick' if quick else ''}.csv"
+
+
+def write_rows(path: Path, rows: list[dict], columns: list[str], float_format: str | None = None) -> None:
+    """rows as CSV under these columns (other keys left out), floats as format(v, float_format) when
+    one is given."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            if float_format is not None:
+                row = {k: format(v, float_format) if isinstance(v, float) else v for k, v in row.items()}
+            writer.writerow(row)

@@ -24,9 +24,7 @@ Writes benchmarks/results/linear_<device>_<date>.csv and prints a Markdown table
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
-import datetime
 import functools
 import re
 import sys
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import measure  # noqa: E402
+from environment import environment, results_csv, write_rows  # noqa: E402
 
 import fused_pool  # noqa: E402
 from fused_pool.backends import extension, unavailable_reason  # noqa: E402
@@ -271,17 +270,8 @@ def run(
 
 
 def write_csv(rows: list[dict], out: Path, env: dict, quick: bool) -> Path:
-    slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    path = out / f"linear_{slug}_{stamp}{'_quick' if quick else ''}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS + list(env), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    path = results_csv(out, "linear", env["device"], quick)
+    write_rows(path, rows, COLUMNS + list(env), ".6g")
     return path
 
 
@@ -307,8 +297,6 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    from environment import environment
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

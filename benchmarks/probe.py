@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime
 import sys
 from pathlib import Path
 
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from environment import environment  # noqa: E402
+from environment import environment, results_csv, write_rows  # noqa: E402
 from measure import keep_freed_memory_on_cpu, peak_memory_bytes, time_ms  # noqa: E402
 
 import fused_pool  # noqa: E402
@@ -223,14 +221,8 @@ def main() -> None:
         rows += attention_rows(label, x, heads, backends, budget, generator)
         rows += head_rows(label, x, heads, mlp, backends, budget, compiled=not args.quick)
     env = environment(args.device)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
-    path = Path(args.out) / f"probe_{slug}_{stamp}{'_quick' if args.quick else ''}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS + list(env))
-        writer.writeheader()
-        writer.writerows({**row, **env} for row in rows)
+    path = results_csv(args.out, "probe", env["device"], args.quick)
+    write_rows(path, [{**row, **env} for row in rows], COLUMNS + list(env))
     print(f"wrote {path}")
     print_table(rows)
 

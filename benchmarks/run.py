@@ -17,8 +17,6 @@ behind GB/s are described in providers.py and measure.py.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import sys
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import cases as case_sets  # noqa: E402
 import linear  # noqa: E402
 import measure  # noqa: E402
 import providers as provider_set  # noqa: E402
-from environment import environment  # noqa: E402
+from environment import environment, results_csv, write_rows  # noqa: E402
 
 from fused_pool import reference  # noqa: E402
 
@@ -243,19 +241,8 @@ def main() -> None:
 
 def write_report(rows: list[dict], args: argparse.Namespace, env: dict[str, str]) -> None:
     """The CSV of the pooling ops' rows, their table and plots."""
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")  # one file per run, never overwritten
-    path = args.out / f"{slug}_{stamp}{'_quick' if args.quick else ''}.csv"
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS}
-            )
+    path = results_csv(args.out, "", env["device"], args.quick)
+    write_rows(path, rows, COLUMNS, ".6g")
     print(f"\nwrote {path}")
     print_table(rows)
     if not args.no_plots:

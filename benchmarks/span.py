@@ -20,8 +20,6 @@ and prints a table with each provider's time and the speedup of the fused call o
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import sys
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from environment import environment  # noqa: E402
+from environment import environment, results_csv, write_rows  # noqa: E402
 from measure import keep_freed_memory_on_cpu, time_ms  # noqa: E402
 
 import fused_pool  # noqa: E402
@@ -116,14 +114,8 @@ def main() -> None:
             case = f"{label}, {'overlapping' if overlapping else 'partition'}"
             rows += measure(case, x, spans, partition=not overlapping, budget=args.budget)
     env = environment(args.device)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
-    path = Path(args.out) / f"span_{slug}_{stamp}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS + list(env))
-        writer.writeheader()
-        writer.writerows({**row, **env} for row in rows)
+    path = results_csv(args.out, "span", env["device"])
+    write_rows(path, [{**row, **env} for row in rows], COLUMNS + list(env))
     print(f"wrote {path}")
     print_table(rows)
 

@@ -153,6 +153,23 @@ def check_scale(scale: float | None) -> None:
         raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
 
 
+def scale_or_default(scale: float | None, head_dim: int) -> float:
+    """A checked attention scale as a float; None gives 1/sqrt(head_dim) (1.0 for head_dim 0: no
+    channel, any scale)."""
+    check_scale(scale)
+    if scale is None:
+        return head_dim**-0.5 if head_dim else 1.0
+    return float(scale)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """A str argument that must be one of `choices`."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def _require_heads_divide(name: str, num_heads: int, hidden: int) -> None:
     if num_heads < 1 or hidden % num_heads:
         raise ValueError(f"{name} has nh = {num_heads} heads, which must divide H = {hidden}")
@@ -196,6 +213,14 @@ def check_count(name: str, value: object, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_heads(hidden_size: object, num_heads: object) -> tuple[int, int]:
+    """A module's hidden_size and num_heads (check_count), num_heads dividing hidden_size."""
+    hidden_size, num_heads = check_count("hidden_size", hidden_size), check_count("num_heads", num_heads)
+    if hidden_size % num_heads:
+        raise ValueError(f"num_heads = {num_heads} must divide hidden_size = {hidden_size}")
+    return hidden_size, num_heads
+
+
 def check_backend_name(backend: object) -> str | None:
     """A module's `backend=`: None or one of BACKENDS (whether it can run on the module's device is
     decided at forward, by fused_pool.backends.resolve_backend)."""
@@ -227,10 +252,7 @@ def check_span_inputs(
     if spans.dim() != 2 or spans.shape[1] != 2:
         raise ValueError(f"spans must be (S, 2) [start, end) token offsets, got shape {shape_str(spans)}")
     _require_same_device("spans", spans, x)
-    if not isinstance(mode, str):
-        raise TypeError(f"mode must be a str, one of {SPAN_MODES}, got {type(mode).__name__}")
-    if mode not in SPAN_MODES:
-        raise ValueError(f"mode must be one of {SPAN_MODES}, got {mode!r}")
+    check_choice("mode", mode, SPAN_MODES)
     if mask is not None:
         _require_tensor("mask", mask)
         if mask.dtype.is_complex:
@@ -274,10 +296,12 @@ def check_linear_inputs(
         if bias.dtype != x.dtype:
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
         _require_same_device("bias", bias, x)
-    if not isinstance(mode, str):
-        raise TypeError(f"mode must be a str, one of {LINEAR_MODES}, got {type(mode).__name__}")
-    if mode not in LINEAR_MODES:
-        raise ValueError(f"mode must be one of {LINEAR_MODES}, got {mode!r}")
+    check_linear_mode("mode", mode, activation)
+
+
+def check_linear_mode(mode_name: str, mode: object, activation: object) -> None:
+    """linear_pool's mode (named `mode_name`: SpladeHead calls it "pooling") and activation."""
+    check_choice(mode_name, mode, LINEAR_MODES)
     if activation is not None and not isinstance(activation, str):
         raise TypeError(f"activation must be a str or None, got {type(activation).__name__}")
     if activation is not None and activation not in ACTIVATIONS:

@@ -9,6 +9,7 @@ checks can all import it without a cycle. The C++ side mirrors these values in c
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 MEAN, MAX, MEAN_MAX = 1, 2, 3  # pool mode bits: 1 = mean, 2 = max
@@ -18,6 +19,23 @@ SUM = 8  # linear_pool only: the weighted sum over the kept tokens, not divided 
 # linear_pool's activations, applied to each projected value z before the pooling; the kernels get
 # the index. "gelu" is the erf form (torch.nn.functional.gelu); "log1p_relu" is SPLADE's log(1 + relu z).
 ACTIVATIONS = ("none", "relu", "log1p_relu", "log1p_log1p_relu", "gelu", "tanh", "silu")
+
+
+def log1p_relu(z: Tensor) -> Tensor:
+    return torch.log1p(torch.relu(z))
+
+
+# Each activation as PyTorch computes it (the reference and the "torch" backend apply these; the
+# tests check them against formulas written out).
+ACTIVATION_FUNCTIONS = {
+    "none": lambda z: z,
+    "relu": torch.relu,
+    "log1p_relu": log1p_relu,
+    "log1p_log1p_relu": lambda z: torch.log1p(log1p_relu(z)),
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+}
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -28,10 +28,10 @@ from ._checks import (
     check_pool_inputs,
     check_probes,
     check_query,
-    check_scale,
     check_scores,
     check_span_inputs,
     max_seqlen_hint,
+    scale_or_default,
 )
 from .backends import resolve_backend
 from .contract import ACTIVATIONS, MAX, MEAN, MEAN_MAX, SUM
@@ -52,9 +52,14 @@ __all__ = [
 ]
 
 
+def _checked_tokens(x, mask, cu_seqlens, max_seqlen, varlen_weights=False) -> tuple[Tensor, int | None]:
+    """check_pool_inputs' x ((B, L, H) or (T, H)) and the max_seqlen hint the kernels get."""
+    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen, varlen_weights)
+    return x, max_seqlen_hint(max_seqlen, x)
+
+
 def _pool(x, mask, cu_seqlens, max_seqlen, backend, mode) -> Tensor:
-    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen, varlen_weights=mode == MEAN)
-    max_seqlen = max_seqlen_hint(max_seqlen, x)
+    x, max_seqlen = _checked_tokens(x, mask, cu_seqlens, max_seqlen, varlen_weights=mode == MEAN)
     return run("pool", resolve_backend(backend, x.device), x, mask, cu_seqlens, max_seqlen, mode)
 
 
@@ -115,8 +120,7 @@ def attention_pool(
     head's output and its kept tokens' gradients NaN, and a kept NaN token its channel. Gradients
     flow to x and scores.
     """
-    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
-    max_seqlen = max_seqlen_hint(max_seqlen, x)
+    x, max_seqlen = _checked_tokens(x, mask, cu_seqlens, max_seqlen)
     check_scores(scores, x, cu_seqlens is not None)
     if scores.dim() == x.dim() - 1:  # one head: (B, L) -> (B, L, 1), (T,) -> (T, 1)
         scores = scores.unsqueeze(-1)
@@ -142,14 +146,10 @@ def query_attention_pool(
     scale, makes the head NaN; a head whose kept scores are all -inf pools to 0. Gradients flow to
     x and query (dquery summed over every sequence and token in a fixed order: deterministic).
     """
-    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
-    max_seqlen = max_seqlen_hint(max_seqlen, x)
+    x, max_seqlen = _checked_tokens(x, mask, cu_seqlens, max_seqlen)
     num_heads = check_query(query, x)
-    check_scale(scale)
     head_dim = x.shape[-1] // num_heads
-    if scale is None:
-        scale = head_dim**-0.5 if head_dim else 1.0  # H = 0: no channel, any scale
-    scale = float(scale)
+    scale = scale_or_default(scale, head_dim)
     query = query.view(num_heads, head_dim)
     backend = resolve_backend(backend, x.device)
     out = run("query_attention", backend, x, query, mask, cu_seqlens, max_seqlen, scale)
@@ -201,12 +201,9 @@ def probe_attention_pool(
     Non-finite scores follow torch.softmax as in attention_pool; a sequence with no kept token pools
     to 0. Gradients flow to x and probes (dprobes summed in a fixed order: deterministic).
     """
-    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen)
-    max_seqlen = max_seqlen_hint(max_seqlen, x)
+    x, max_seqlen = _checked_tokens(x, mask, cu_seqlens, max_seqlen)
     check_probes(probes, x)
-    check_scale(scale)
-    hidden = x.shape[-1]
-    scale = float(hidden**-0.5 if hidden else 1.0) if scale is None else float(scale)
+    scale = scale_or_default(scale, x.shape[-1])
     backend = resolve_backend(backend, x.device)
     out = run("probe_attention", backend, x, probes, mask, cu_seqlens, max_seqlen, scale)
     return out.to(x.dtype)
@@ -237,8 +234,7 @@ def linear_pool(
     float64 x); output in x's dtype; a sequence with no kept token pools to 0. "max" sends each
     gradient to the first maximal kept token. Gradients flow to x, weight and bias, deterministic.
     """
-    x = check_pool_inputs(x, mask, cu_seqlens, max_seqlen, varlen_weights=True)
-    max_seqlen = max_seqlen_hint(max_seqlen, x)
+    x, max_seqlen = _checked_tokens(x, mask, cu_seqlens, max_seqlen, varlen_weights=True)
     check_linear_inputs(x, weight, bias, mode, activation)
     code = ACTIVATIONS.index(activation or "none")
     backend = resolve_backend(backend, x.device)

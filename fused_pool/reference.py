@@ -28,9 +28,9 @@ back to the host to build a padded view. The fused paths never do.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .contract import ACTIVATION_FUNCTIONS as _ACTIVATION_FUNCTIONS
 from .contract import accumulation_dtype as _accumulation_dtype
 
 __all__ = [
@@ -85,6 +85,25 @@ def _kept(mask: Tensor) -> Tensor:
     return mask != 0
 
 
+def _token_weights(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(xs (B, L, H), weights (B, L) in the accumulation dtype) for the ops that a floating mask
+    weights: its values (padded (B, L), or varlen per-token (T,)), else 1 where kept, 0 elsewhere."""
+    acc = _accumulation_dtype(x.dtype)
+    if cu_seqlens is not None and mask is not None:  # varlen per-token weights (T,)
+        xs, inside, (token_weights,) = _padded_view(x, None, cu_seqlens, mask)
+        mask = torch.where(inside, token_weights, 0)
+    else:
+        xs, mask, _ = _padded_view(x, mask, cu_seqlens)
+    return xs, mask.detach().to(acc) if mask.is_floating_point() else _kept(mask).to(acc)
+
+
+def _weighted_mean(total: Tensor, weights: Tensor) -> Tensor:
+    """total (B, ...) / the sum of each sequence's weights (B, L); 0 where that sum is 0."""
+    den = weights.sum(1, keepdim=True)
+    nonzero = den != 0
+    return torch.where(nonzero, total / torch.where(nonzero, den, 1), 0)
+
+
 def masked_mean(
     x: Tensor,
     mask: Tensor | None = None,
@@ -95,20 +114,10 @@ def masked_mean(
 ) -> Tensor:
     """(B, H) mean of the kept tokens; a floating mask gives the weighted mean sum(w x) / sum(w):
     (B, L) padded, or per-token weights (T,) with cu_seqlens."""
-    acc = _accumulation_dtype(x.dtype)
-    if cu_seqlens is not None and mask is not None:  # varlen per-token weights (T,)
-        xs, inside, (token_weights,) = _padded_view(x, None, cu_seqlens, mask)
-        mask = torch.where(inside, token_weights, 0)
-    else:
-        xs, mask, _ = _padded_view(x, mask, cu_seqlens)
-    weights = mask.detach().to(acc) if mask.is_floating_point() else _kept(mask).to(acc)
+    xs, weights = _token_weights(x, mask, cu_seqlens)
     kept = weights != 0
-    weighted = torch.where(kept[..., None], xs.to(acc) * weights[..., None], 0)
-    total = weighted.sum(1)
-    den = weights.sum(1, keepdim=True)
-    nonzero = den != 0
-    out = torch.where(nonzero, total / torch.where(nonzero, den, 1), 0)
-    return out.to(x.dtype)
+    weighted = torch.where(kept[..., None], xs.to(weights.dtype) * weights[..., None], 0)
+    return _weighted_mean(weighted.sum(1), weights).to(x.dtype)
 
 
 def _first_max_position(values: Tensor, kept: Tensor) -> Tensor:
@@ -156,6 +165,23 @@ def masked_mean_max(
     return torch.cat([mean, maximum], dim=-1)
 
 
+def _softmax_over_tokens(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """(p, empty): torch.softmax over dim 1 of scores (B, L, heads), -inf where not kept; `empty`
+    (B, heads) marks the heads whose scores are all -inf (also with no positions at all), whose p is
+    any finite value (the callers zero their output)."""
+    empty = (scores == float("-inf")).all(1)
+    return torch.softmax(torch.where(empty[:, None], 0, scores), dim=1), empty
+
+
+def _counted_scores(dots: Tensor, kept: Tensor, scale: float) -> Tensor:
+    """dots (B, L, heads) * scale where a score counts, -inf elsewhere: on the kept tokens of heads
+    not empty (some kept score above -inf). A nan / inf scale must reach neither padding nor an empty
+    head, not even as 0 * inf in autograd."""
+    above_minus_inf = kept[..., None] & (dots.detach() * scale != float("-inf"))
+    counts = kept[..., None] & above_minus_inf.any(1, keepdim=True)
+    return torch.full_like(dots, float("-inf")).index_put((counts,), dots[counts] * scale)
+
+
 def _softmax_pool(xs: Tensor, scores: Tensor, kept: Tensor) -> Tensor:
     """Per head k: sum_l p_l * xs[:, l, head k channels], p = torch.softmax of the kept scores.
 
@@ -165,9 +191,7 @@ def _softmax_pool(xs: Tensor, scores: Tensor, kept: Tensor) -> Tensor:
     """
     batch, length, hidden = xs.shape
     num_heads = scores.shape[-1]
-    scores = torch.where(kept[..., None], scores, float("-inf"))
-    empty = (scores == float("-inf")).all(1)  # (B, nh); also with no positions at all
-    p = torch.softmax(torch.where(empty[:, None], 0, scores), dim=1)  # empty heads: any finite p
+    p, empty = _softmax_over_tokens(torch.where(kept[..., None], scores, float("-inf")))
     heads = xs.reshape(batch, length, num_heads, hidden // num_heads)
     pooled = (p[..., None] * heads).sum(1)  # (B, nh, D)
     return torch.where(empty[..., None], 0, pooled).reshape(batch, hidden)
@@ -222,13 +246,7 @@ def query_attention_pool(
         scale = head_dim**-0.5 if head_dim else 1.0  # H = 0: no channel, any scale
     xs = torch.where(kept[..., None], xs.to(acc), 0)
     dots = (xs.reshape(batch, length, num_heads, head_dim) * query).sum(-1)  # (B, L, nh)
-    # Scaled only where a score counts, on the kept tokens of heads not empty (some kept score above
-    # -inf): a nan / inf scale must reach neither padding nor an empty head, not even as 0 * inf
-    # in autograd.
-    above_minus_inf = kept[..., None] & (dots.detach() * scale != float("-inf"))
-    counts = kept[..., None] & above_minus_inf.any(1, keepdim=True)
-    scores = torch.full_like(dots, float("-inf")).index_put((counts,), dots[counts] * scale)
-    return _softmax_pool(xs, scores, kept).to(x.dtype)
+    return _softmax_pool(xs, _counted_scores(dots, kept, scale), kept).to(x.dtype)
 
 
 def probe_attention_pool(
@@ -251,30 +269,9 @@ def probe_attention_pool(
         scale = hidden**-0.5 if hidden else 1.0
     xs = torch.where(kept[..., None], xs.to(acc), 0)
     dots = xs @ probes.to(acc).T  # (B, L, P)
-    # Scaled only where a score counts, as in query_attention_pool.
-    above_minus_inf = kept[..., None] & (dots.detach() * scale != float("-inf"))
-    counts = kept[..., None] & above_minus_inf.any(1, keepdim=True)
-    scores = torch.full_like(dots, float("-inf")).index_put((counts,), dots[counts] * scale)
-    empty = (scores == float("-inf")).all(1)  # (B, P)
-    p = torch.softmax(torch.where(empty[:, None], 0, scores), dim=1)  # (B, L, P)
+    p, empty = _softmax_over_tokens(_counted_scores(dots, kept, scale))  # (B, L, P), (B, P)
     pooled = p.transpose(1, 2) @ xs  # (B, P, H)
     return torch.where(empty[..., None], 0, pooled).to(x.dtype)
-
-
-def _log1p_relu(z: Tensor) -> Tensor:
-    return torch.log1p(torch.relu(z))
-
-
-ACTIVATION_FUNCTIONS = {
-    None: lambda z: z,
-    "none": lambda z: z,
-    "relu": torch.relu,
-    "log1p_relu": _log1p_relu,
-    "log1p_log1p_relu": lambda z: torch.log1p(_log1p_relu(z)),
-    "gelu": F.gelu,
-    "tanh": torch.tanh,
-    "silu": F.silu,
-}
 
 
 def linear_pool(
@@ -291,19 +288,14 @@ def linear_pool(
 ) -> Tensor:
     """(B, N): "max", "sum" (sum of w a) or "mean" (sum of w a / sum of w) over the kept tokens of
     a = activation(x @ weight.T + bias). A floating mask weights sum / mean, max keeps w != 0."""
-    acc = _accumulation_dtype(x.dtype)
-    if cu_seqlens is not None and mask is not None:  # varlen per-token weights (T,)
-        xs, inside, (token_weights,) = _padded_view(x, None, cu_seqlens, mask)
-        mask = torch.where(inside, token_weights, 0)
-    else:
-        xs, mask, _ = _padded_view(x, mask, cu_seqlens)
-    weights = mask.detach().to(acc) if mask.is_floating_point() else _kept(mask).to(acc)
-    kept = weights != 0
+    xs, weights = _token_weights(x, mask, cu_seqlens)
+    acc, kept = weights.dtype, weights != 0
+    act = _ACTIVATION_FUNCTIONS[activation or "none"]
     xs = torch.where(kept[..., None], xs.to(acc), 0)
     z = xs @ weight.to(acc).T  # (B, L, N)
     if bias is not None:
         z = z + bias.to(acc)
-    values = ACTIVATION_FUNCTIONS[activation](z)
+    values = act(z)
     if mode == "max":
         if values.shape[1] == 0:  # no positions at all: every sequence is empty
             return (values.sum(1) * 0).to(x.dtype)
@@ -312,14 +304,10 @@ def linear_pool(
         # the (B, L, N) product's backward would also spread 0 * NaN (or 0 * inf) from the others.
         winners = xs.gather(1, position[..., None].expand(-1, -1, xs.shape[-1]))  # (B, N, H)
         z = (winners * weight.to(acc)).sum(-1)
-        picked = ACTIVATION_FUNCTIONS[activation](z if bias is None else z + bias.to(acc))
+        picked = act(z if bias is None else z + bias.to(acc))
         return torch.where(kept.any(1, keepdim=True), picked, 0).to(x.dtype)
     total = torch.where(kept[..., None], values * weights[..., None], 0).sum(1)
-    if mode == "sum":
-        return total.to(x.dtype)
-    den = weights.sum(1, keepdim=True)
-    nonzero = den != 0
-    return torch.where(nonzero, total / torch.where(nonzero, den, 1), 0).to(x.dtype)
+    return (total if mode == "sum" else _weighted_mean(total, weights)).to(x.dtype)
 
 
 def _kept_token(x: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, which: str) -> Tensor:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .contract import ACTIVATIONS, MAX, MEAN, accumulation_dtype
+from .contract import ACTIVATION_FUNCTIONS, ACTIVATIONS, MAX, MEAN, accumulation_dtype, log1p_relu
 from .torch_kernels import Segments
 
 # Elements of one block's (rows, N) projection: 8 MiB in float32 (68 rows at N = 30522). The max
@@ -25,23 +24,8 @@ BLOCK_ELEMENTS = 1 << 21
 _NO_INDEX = torch.iinfo(torch.int64).max
 
 
-def _log1p_relu(z: Tensor) -> Tensor:
-    return torch.log1p(torch.relu(z))
-
-
-_ACTIVATIONS = {
-    "none": lambda z: z,
-    "relu": torch.relu,
-    "log1p_relu": _log1p_relu,
-    "log1p_log1p_relu": lambda z: torch.log1p(_log1p_relu(z)),
-    "gelu": F.gelu,
-    "tanh": torch.tanh,
-    "silu": F.silu,
-}
-
-
 def _activation(code: int):
-    return _ACTIVATIONS[ACTIVATIONS[code]]
+    return ACTIVATION_FUNCTIONS[ACTIVATIONS[code]]
 
 
 def _positive(z: Tensor, value: Tensor) -> Tensor:
@@ -55,7 +39,7 @@ _DERIVATIVES = {
     "none": lambda z: torch.ones_like(z),
     "relu": lambda z: _positive(z, torch.ones_like(z)),
     "log1p_relu": lambda z: _positive(z, 1 / (1 + torch.relu(z))),
-    "log1p_log1p_relu": lambda z: _positive(z, 1 / ((1 + torch.relu(z)) * (1 + _log1p_relu(z)))),
+    "log1p_log1p_relu": lambda z: _positive(z, 1 / ((1 + torch.relu(z)) * (1 + log1p_relu(z)))),
     "gelu": lambda z: (
         0.5 * (1 + torch.erf(z * 0.5**0.5)) + z * torch.exp(-0.5 * z * z) * (2 * math.pi) ** -0.5
     ),

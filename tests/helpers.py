@@ -222,3 +222,8 @@ def kernel_backends(kind: str) -> list:
         return all(hasattr(torch.ops.fused_pool, f"ext_{kind}_{step}") for step in ("fwd", "bwd"))
 
     return [p for p in SPAN_BACKENDS if has_kernels(p.values[0])]
+
+
+def cpu_kernel_backends(kind: str) -> list[str]:
+    """The names of kernel_backends(kind) that run on CPU tensors here."""
+    return [p.values[0] for p in kernel_backends(kind) if p.values[1] == "cpu"]

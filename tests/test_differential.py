@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from helpers import ERROR_FLOOR, assert_close, kernel_backends, outputs_and_grads
+from helpers import ERROR_FLOOR, assert_close, cpu_kernel_backends, outputs_and_grads
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
@@ -424,7 +424,7 @@ def cases(draw, category: str, backend: str | None, op: str) -> Case:
 # --- The tests ---------------------------------------------------------------------------------
 
 
-PROBE_BACKENDS = [p.values[0] for p in kernel_backends("probe_attention") if p.values[1] == "cpu"]
+PROBE_BACKENDS = cpu_kernel_backends("probe_attention")
 
 
 def items():

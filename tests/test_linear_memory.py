@@ -19,9 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from fused_pool.backends import extension
+from helpers import cpu_kernel_backends
 
 MIB = 1 << 20
 FORWARD_BOUND = 96 * MIB
@@ -103,16 +101,8 @@ def measure(provider: str, mode: str, backward: bool, shape=SHAPE) -> dict[str, 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _cpu_reason() -> str | None:
-    if extension() is None or not hasattr(torch.ops.fused_pool, "ext_linear_fwd"):
-        return "the extension has no linear op yet (fused_pool::ext_linear_fwd)"
-    return None
-
-
-BACKENDS = [
-    pytest.param("torch"),
-    pytest.param("cpu", marks=pytest.mark.skipif(_cpu_reason() is not None, reason=str(_cpu_reason()))),
-]
+# The backends bounded here: torch, and the extension's cpu op where it has linear kernels.
+BACKENDS = [backend for backend in cpu_kernel_backends("linear") if backend in ("torch", "cpu")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

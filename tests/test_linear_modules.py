@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, cu_seqlens_of, kernel_backends, make_generator, make_mask, poison_padding
+from helpers import (
+    assert_close,
+    cpu_kernel_backends,
+    cu_seqlens_of,
+    make_generator,
+    make_mask,
+    poison_padding,
+)
 from torch import nn
 
 from fused_pool import reference
 from fused_pool.nn import LinearPool, SpladeHead
 
-# linear_pool's backends that run on CPU tensors here.
-LINEAR_BACKENDS = [
-    pytest.param(p.values[0], id=p.values[0]) for p in kernel_backends("linear") if p.values[1] == "cpu"
-]
+LINEAR_BACKENDS = cpu_kernel_backends("linear")  # linear_pool's backends that run on CPU tensors here
 
 
 # --- LinearPool ------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ ACTIVATION_NAMES = [None, *ACTIVATIONS[1:]]
 NAN = float("nan")
 
 
-LINEAR_BACKENDS = kernel_backends("linear")
+LINEAR_BACKENDS = kernel_backends("linear")  # (backend, device) pairs that run linear_pool here
 backends = pytest.mark.parametrize("backend, device", LINEAR_BACKENDS)
 
 

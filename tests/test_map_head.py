@@ -12,7 +12,7 @@ import torch
 from helpers import (
     assert_close,
     assert_within_reference_error,
-    kernel_backends,
+    cpu_kernel_backends,
     make_generator,
     poison_padding,
 )
@@ -29,8 +29,7 @@ from transformers.models.siglip2.modeling_siglip2 import Siglip2MultiheadAttenti
 HIDDEN, HEADS, INTERMEDIATE = 48, 4, 40  # head_dim 12, an MLP width that is not 4 H
 
 
-# torch, plus the fused backends whose probe_attention kernels run on CPU tensors here.
-BACKENDS = [p.values[0] for p in kernel_backends("probe_attention") if p.values[1] == "cpu"]
+BACKENDS = cpu_kernel_backends("probe_attention")  # torch, and the fused backends with its kernels here
 DTYPES = [torch.float32, torch.bfloat16]
 
 

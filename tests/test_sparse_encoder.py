@@ -44,7 +44,7 @@ TEXTS = [
     "sparse retrieval with a masked language model head",
 ]
 # torch and cpu: a 30522-word vocabulary is too slow for Triton's interpreter.
-BACKENDS = [param for param in LINEAR_BACKENDS if param.id != "triton"]
+BACKENDS = [backend for backend in LINEAR_BACKENDS if backend != "triton"]
 STRATEGIES = ["max", "sum"]
 ACTIVATIONS = ["relu", "log1p_relu"]
 

@@ -37,8 +37,7 @@ from sentence_transformers.base.modules.transformer import Transformer
 from sentence_transformers.sparse_encoder.modules import SpladePooling
 from torch import Tensor, nn
 
-from .. import functional as F
-from ..nn.linear import autocast_operands, masked_lm_head
+from ..nn.linear import autocast_linear_pool, masked_lm_head
 
 __all__ = ["fuse_splade"]
 
@@ -84,9 +83,7 @@ class _FusedSpladePooling:
 
     def forward(self, features: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
         transform, decoder = self._masked_lm_head()
-        hidden, weight, bias = autocast_operands(
-            transform(features["token_embeddings"]), decoder.weight, decoder.bias
-        )
+        hidden = transform(features["token_embeddings"])
         options = dict(
             mode=self.pooling_strategy,
             activation=_ACTIVATIONS[self.activation_function],
@@ -98,17 +95,17 @@ class _FusedSpladePooling:
                 max_seqlen if isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) else None
             )
             tokens = hidden.reshape(-1, hidden.shape[-1])  # (1, T, H) -> (T, H)
-            pooled = F.linear_pool(
+            pooled = autocast_linear_pool(
                 tokens,
-                weight,
-                bias,
+                decoder.weight,
+                decoder.bias,
                 cu_seqlens=features["cu_seq_lens_q"],
                 max_seqlen=max_seqlen,
                 **options,
             )
         else:
             keep = features["attention_mask"] != 0
-            pooled = F.linear_pool(hidden, weight, bias, keep, **options)
+            pooled = autocast_linear_pool(hidden, decoder.weight, decoder.bias, keep, **options)
         if self.embedding_dimension is None:
             self.embedding_dimension = pooled.shape[1]
         features["sentence_embedding"] = pooled

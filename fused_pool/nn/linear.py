@@ -24,31 +24,22 @@ import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import LINEAR_MODES, check_backend_name, check_count
-from ..contract import ACTIVATIONS
+from .._checks import check_backend_name, check_count, check_linear_mode
 
-__all__ = ["LinearPool", "SpladeHead", "autocast_operands", "masked_lm_head"]
-
-
-def _check_mode_and_activation(mode_name: str, mode: object, activation: object) -> None:
-    if not isinstance(mode, str):
-        raise TypeError(f"{mode_name} must be a str, one of {LINEAR_MODES}, got {type(mode).__name__}")
-    if mode not in LINEAR_MODES:
-        raise ValueError(f"{mode_name} must be one of {LINEAR_MODES}, got {mode!r}")
-    if activation is not None and not isinstance(activation, str):
-        raise TypeError(f"activation must be a str or None, got {type(activation).__name__}")
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+__all__ = ["LinearPool", "SpladeHead", "autocast_linear_pool", "masked_lm_head"]
 
 
-def autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """x, weight and bias in autocast's dtype where autocast is on for x's device (as F.linear runs
-    there: mixed-precision training of a float32 model), else as they are."""
+def autocast_linear_pool(
+    x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None = None, **options
+) -> Tensor:
+    """fused_pool.linear_pool(x, weight, bias, mask, **options) with x, weight and bias in autocast's
+    dtype where autocast is on for x's device (as F.linear runs there: mixed-precision training of a
+    float32 model), else as they are."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return x, weight, bias
-    dtype = torch.get_autocast_dtype(device)
-    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return F.linear_pool(x, weight, bias, mask, **options)
 
 
 def _require_linear(name: str, module: object) -> None:
@@ -81,7 +72,7 @@ class LinearPool(nn.Module):
         super().__init__()
         self.in_features = check_count("in_features", in_features)
         self.out_features = check_count("out_features", out_features)
-        _check_mode_and_activation("mode", mode, activation)
+        check_linear_mode("mode", mode, activation)
         self.mode, self.activation, self.backend = mode, activation, check_backend_name(backend)
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **factory))
@@ -117,11 +108,10 @@ class LinearPool(nn.Module):
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
     ) -> Tensor:
-        x, weight, bias = autocast_operands(x, self.weight, self.bias)
-        return F.linear_pool(
+        return autocast_linear_pool(
             x,
-            weight,
-            bias,
+            self.weight,
+            self.bias,
             mask,
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
@@ -232,7 +222,7 @@ class SpladeHead(nn.Module):
         if not isinstance(transform, nn.Module):
             raise TypeError(f"transform must be a torch.nn.Module, got {type(transform).__name__}")
         _require_linear("decoder", decoder)
-        _check_mode_and_activation("pooling", pooling, activation)
+        check_linear_mode("pooling", pooling, activation)
         self.transform, self.decoder = transform, decoder
         self.pooling, self.activation, self.backend = pooling, activation, check_backend_name(backend)
 
@@ -258,13 +248,10 @@ class SpladeHead(nn.Module):
         cu_seqlens: Tensor | None = None,
         max_seqlen: int | None = None,
     ) -> Tensor:
-        x, weight, bias = autocast_operands(
-            self.transform(hidden_states), self.decoder.weight, self.decoder.bias
-        )
-        return F.linear_pool(
-            x,
-            weight,
-            bias,
+        return autocast_linear_pool(
+            self.transform(hidden_states),
+            self.decoder.weight,
+            self.decoder.bias,
             attention_mask,
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,

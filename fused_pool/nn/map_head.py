@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import MAX_PROBES, check_backend_name, check_count
+from .._checks import MAX_PROBES, check_backend_name, check_count, check_heads
 
 __all__ = ["MAPHead"]
 
@@ -91,10 +91,8 @@ class MAPHead(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        hidden_size, num_heads = check_count("hidden_size", hidden_size), check_count("num_heads", num_heads)
+        hidden_size, num_heads = check_heads(hidden_size, num_heads)
         num_probes = check_count("num_probes", num_probes)
-        if hidden_size % num_heads:
-            raise ValueError(f"num_heads = {num_heads} must divide hidden_size = {hidden_size}")
         if intermediate_size is None:
             if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)):
                 raise TypeError(f"mlp_ratio must be a float, got {type(mlp_ratio).__name__}")

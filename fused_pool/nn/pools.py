@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .._checks import check_backend_name, check_count, check_pool_inputs
+from .._checks import check_backend_name, check_count, check_heads, check_pool_inputs
 from ..padding import segment_bounds
 from ..tokens import first_token, last_token
 
@@ -161,10 +161,8 @@ class AttentionPool(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        hidden_size, num_heads = check_count("hidden_size", hidden_size), check_count("num_heads", num_heads)
+        hidden_size, num_heads = check_heads(hidden_size, num_heads)
         mlp_hidden = check_count("mlp_hidden", mlp_hidden)
-        if hidden_size % num_heads:
-            raise ValueError(f"num_heads = {num_heads} must divide hidden_size = {hidden_size}")
         if scorer not in ("query", "mlp"):
             raise ValueError(f"scorer must be 'query' or 'mlp', got {scorer!r}")
         self.hidden_size, self.num_heads, self.scorer_kind = hidden_size, num_heads, scorer

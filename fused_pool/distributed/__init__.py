@@ -40,7 +40,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._checks import INDEX_DTYPES, check_pool_inputs, check_query, check_scale, check_scores
+from .._checks import (
+    INDEX_DTYPES,
+    check_pool_inputs,
+    check_query,
+    check_scale,
+    check_scores,
+    scale_or_default,
+)
 from ..backends import resolve_backend
 from ..contract import MAX, MEAN, MEAN_MAX
 from ..ops import kernels
@@ -220,7 +227,7 @@ def query_attention_pool(
 
     where, rows, (call, chosen) = _start("query_attention_pool", layout, group, local_checks)
     head_dim = call.x.shape[-1] // call.heads
-    tail = (float(head_dim**-0.5 if scale is None else scale),)
+    tail = (scale_or_default(scale, head_dim),)
     pieces = _pieces(where, rows, call.x, mask, None, cu_seqlens, cu_seqlens_padded, token_mask=True)
     kernel_call = KernelCall(
         SPECS["query_attention"], kernels(chosen, "query_attention"), pieces, where, tail

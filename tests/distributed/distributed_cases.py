@@ -434,6 +434,11 @@ def empty_shapes(rank: int, world_size: int) -> list[tuple[str, object, tuple[in
         ("H = 0 max", lambda: fd.masked_max(torch.randn(2, 3, 0)), (2, 0)),
         ("H = 0 mean_max", lambda: fd.masked_mean_max(torch.randn(2, 3, 0), layout="contiguous"), (2, 0)),
         (
+            "H = 0 query attention",
+            lambda: fd.query_attention_pool(torch.randn(2, 3, 0), torch.randn(0)),
+            (2, 0),
+        ),
+        (
             "B = 0 attention",
             lambda: fd.attention_pool(torch.randn(0, 2, HIDDEN), torch.randn(0, 2)),
             (0, HIDDEN),

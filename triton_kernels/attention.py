@@ -20,6 +20,7 @@ from .launch import (
     TILE_REGISTERS,
     TILE_WARPS,
     channel_block,
+    chunk_arguments,
     kernel_cu_seqlens,
     kernel_mask,
     launches_on_input_device,
@@ -128,8 +129,8 @@ def _forward(
     num_heads = query.shape[0] if is_query else scores.shape[-1]
     hidden = x.shape[-1]
     head_dim = hidden // num_heads
-    num_seqs, seq_len, num_rows, longest, x_strides = geometry(x, cu_seqlens, max_seqlen)
-    stride_xb, stride_xr, stride_xh = x_strides
+    geo = geometry(x, cu_seqlens, max_seqlen)
+    num_seqs = geo.num_seqs
     acc = accumulation_dtype(x.dtype)
     out = torch.empty(num_seqs, hidden, dtype=acc, device=x.device)
     stats = torch.empty(num_seqs, num_heads, 2, dtype=acc, device=x.device)
@@ -138,41 +139,25 @@ def _forward(
     block_d, block_r, launch = _blocks(head_dim, is_query)
     wide = _is_wide(head_dim, is_query)
     blocks_per_head = 1 if wide else triton.cdiv(head_dim, block_d)  # wide: a program walks its head
-    plan = plan_split(num_seqs, num_rows, longest, num_heads * blocks_per_head, block_r, x.device, cu_seqlens)
+    plan = plan_split(
+        num_seqs, geo.num_rows, geo.longest, num_heads * blocks_per_head, block_r, x.device, cu_seqlens
+    )
     part_m, part_l, part_acc = (
         torch.empty(plan.num_chunks if plan.split else 0, *shape, dtype=acc, device=x.device)
         for shape in ((num_heads,), (num_heads,), (hidden,))
     )
-    mask_view, (stride_mb, stride_mr) = kernel_mask(mask)
-    offsets = plan.chunk_offsets if plan.chunk_offsets is not None else stats  # unused when padded
+    rows = chunk_arguments(x, mask, cu_seqlens, geo, plan)
     acc_dtype = triton_accumulator(x.dtype)
     results = dict(out_ptr=out, stats_ptr=stats, part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc)
     # The arguments the single-tile and the wide-head forward kernels share.
     shared = dict(
-        x_ptr=x,
+        **rows,
         query_ptr=query if is_query else x,
-        mask_ptr=mask_view if mask is not None else x,
-        cu_seqlens_ptr=cu_seqlens if varlen else x,
-        chunk_offsets_ptr=offsets,
         **results,
-        num_seqs=num_seqs,
-        seq_len=seq_len,
-        num_rows=num_rows,
         H=hidden,
         D=head_dim,
         num_heads=num_heads,
         scale=scale,
-        stride_xb=stride_xb,
-        stride_xr=stride_xr,
-        stride_xh=stride_xh,
-        stride_mb=stride_mb,
-        stride_mr=stride_mr,
-        chunk_rows=plan.chunk_rows,
-        splits=plan.splits,
-        search_iters=plan.search_iters,
-        HAS_MASK=mask is not None,
-        VARLEN=varlen,
-        SPLIT=plan.split,
         ACC_DTYPE=acc_dtype,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
@@ -196,7 +181,7 @@ def _forward(
         )
     if plan.split:
         attention_combine_kernel[(num_seqs, num_heads * blocks_per_head)](
-            chunk_offsets_ptr=offsets,
+            chunk_offsets_ptr=rows["chunk_offsets_ptr"],
             **results,
             H=hidden,
             D=head_dim,

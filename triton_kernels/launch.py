@@ -1,6 +1,7 @@
 """What a launcher does around a kernel launch, for every op kind: run on the input's GPU, pass
-cu_seqlens and the mask as the kernels read them, pick the channel block, the accumulator type and
-the launch options of the row-tile kernels.
+cu_seqlens and the mask as the kernels read them (and, for kernels over chunks of rows, the arguments
+they all take), pick the channel block, the accumulator type and the launch options of the row-tile
+kernels.
 
 Where the rows are and how the work is split over programs is split_plan.py's job.
 """
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..contract import accumulation_dtype
+from .split_plan import Geometry, SplitPlan
 
 
 def launches_on_input_device(launcher):
@@ -63,6 +65,40 @@ def kernel_mask(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, tuple[i
     if mask.dim() == 1:
         return mask, (0, mask.stride(0))
     return mask, mask.stride()
+
+
+def chunk_arguments(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    geo: Geometry,
+    plan: SplitPlan,
+) -> dict:
+    """The launch arguments of a kernel whose programs take chunks of rows (split_plan.program_chunk):
+    x and where its rows are, the mask, cu_seqlens (as kernel_cu_seqlens gives it) and the split
+    plan. An absent input is passed as x: its pointer is never read."""
+    mask_view, (stride_mb, stride_mr) = kernel_mask(mask)
+    stride_xb, stride_xr, stride_xh = geo.strides
+    return dict(
+        x_ptr=x,
+        mask_ptr=mask_view if mask is not None else x,
+        cu_seqlens_ptr=cu_seqlens if cu_seqlens is not None else x,
+        chunk_offsets_ptr=plan.chunk_offsets if plan.chunk_offsets is not None else x,
+        num_seqs=geo.num_seqs,
+        seq_len=geo.seq_len,
+        num_rows=geo.num_rows,
+        stride_xb=stride_xb,
+        stride_xr=stride_xr,
+        stride_xh=stride_xh,
+        stride_mb=stride_mb,
+        stride_mr=stride_mr,
+        chunk_rows=plan.chunk_rows,
+        splits=plan.splits,
+        search_iters=plan.search_iters,
+        HAS_MASK=mask is not None,
+        VARLEN=cu_seqlens is not None,
+        SPLIT=plan.split,
+    )
 
 
 def triton_accumulator(dtype: torch.dtype):

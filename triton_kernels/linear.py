@@ -19,7 +19,13 @@ import torch
 import triton
 
 from ..contract import MAX, MEAN, accumulation_dtype
-from .launch import kernel_cu_seqlens, kernel_mask, launches_on_input_device, triton_accumulator
+from .launch import (
+    chunk_arguments,
+    kernel_cu_seqlens,
+    kernel_mask,
+    launches_on_input_device,
+    triton_accumulator,
+)
 from .linear_bwd_kernels import (
     linear_max_dweight_kernel,
     linear_max_dx_kernel,
@@ -92,9 +98,9 @@ def _weighted(mask: torch.Tensor | None, mode: int) -> bool:
     return mask is not None and not mode & MAX and mask.is_floating_point()
 
 
-def _projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+def _projection(weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    """The projection's launch arguments: W (N, H) and the bias (W as its placeholder)."""
     return dict(
-        x_ptr=x,
         weight_ptr=weight,
         bias_ptr=bias if bias is not None else weight,
         stride_wn=weight.stride(0),
@@ -119,22 +125,22 @@ def linear_fwd(
     of weights (B,) float32/64 if MEAN else empty, argmax (B, N) int32 if MAX else empty)."""
     varlen = cu_seqlens is not None
     cu_seqlens = kernel_cu_seqlens(cu_seqlens)
-    num_seqs, seq_len, num_rows, longest, (stride_xb, stride_xr, stride_xh) = geometry(
-        x, cu_seqlens, max_seqlen
-    )
+    geo = geometry(x, cu_seqlens, max_seqlen)
+    num_seqs = geo.num_seqs
     features = weight.shape[0]
     acc = accumulation_dtype(x.dtype)
     want_max, divide = bool(mode & MAX), bool(mode & MEAN)
     out = torch.empty(num_seqs, features, dtype=x.dtype, device=x.device)
-    den = torch.empty(num_seqs if divide else 0, dtype=acc, device=x.device)
+    # Sums of weights per sequence: saved for MEAN's backward, the kernels' scratch for SUM.
+    weights = torch.empty(0 if want_max else num_seqs, dtype=acc, device=x.device)
+    den = weights if divide else weights.new_empty(0)
     argmax = torch.empty((num_seqs, features) if want_max else (0,), dtype=torch.int32, device=x.device)
     if num_seqs == 0 or features == 0:
         return out, den.zero_(), argmax
 
     tiles = forward_tiles(x.dtype)
-    mask_view, (stride_mb, stride_mr) = kernel_mask(mask)
     feature_blocks = triton.cdiv(features, tiles.n)
-    plan = plan_split(num_seqs, num_rows, longest, feature_blocks, tiles.m, x.device, cu_seqlens)
+    plan = plan_split(num_seqs, geo.num_rows, geo.longest, feature_blocks, tiles.m, x.device, cu_seqlens)
     if plan.split:
         chunks = plan.num_chunks
         part_sum = torch.empty(0 if want_max else chunks, features, dtype=acc, device=x.device)
@@ -143,39 +149,23 @@ def linear_fwd(
         part_row = torch.empty(chunks if want_max else 0, features, dtype=torch.int32, device=x.device)
     else:
         part_sum = part_den = part_max = part_row = out  # unused
-    offsets = plan.chunk_offsets if plan.chunk_offsets is not None else out  # unused when padded
-    results = dict(out_ptr=out, den_ptr=den, argmax_ptr=argmax, out_stride=out.stride(0))
+    rows = chunk_arguments(x, mask, cu_seqlens, geo, plan)
+    results = dict(out_ptr=out, den_ptr=weights, argmax_ptr=argmax, out_stride=out.stride(0))
     partials = dict(
         part_sum_ptr=part_sum, part_den_ptr=part_den, part_max_ptr=part_max, part_row_ptr=part_row
     )
     linear_fwd_kernel[(plan.num_chunks, feature_blocks)](
-        **_projection(x, weight, bias),
-        mask_ptr=mask_view if mask is not None else x,
-        cu_seqlens_ptr=cu_seqlens if varlen else x,
-        chunk_offsets_ptr=offsets,
+        **rows,
+        **_projection(weight, bias),
         **results,
         **partials,
-        num_seqs=num_seqs,
-        seq_len=seq_len,
-        num_rows=num_rows,
         H=x.shape[-1],
         N=features,
-        stride_xb=stride_xb,
-        stride_xr=stride_xr,
-        stride_xh=stride_xh,
-        stride_mb=stride_mb,
-        stride_mr=stride_mr,
-        chunk_rows=plan.chunk_rows,
-        splits=plan.splits,
-        search_iters=plan.search_iters,
         MAX=want_max,
         DIVIDE=divide,
         ACTIVATION=activation,
         HAS_BIAS=bias is not None,
-        HAS_MASK=mask is not None,
         WEIGHTED=_weighted(mask, mode),
-        VARLEN=varlen,
-        SPLIT=plan.split,
         ACC_DTYPE=triton_accumulator(x.dtype),
         DOT=dot_kind(x.dtype),
         BLOCK_M=tiles.m,
@@ -186,13 +176,10 @@ def linear_fwd(
     )
     if plan.split:
         # The pool's combine over N "channels": MAX folds (max, first row) in chunk order; the sum is
-        # the mean's undivided state (STATES), with its sum of weights in a scratch den for SUM.
+        # the mean's undivided state (STATES).
         pool_combine_kernel[(num_seqs, feature_blocks)](
-            chunk_offsets_ptr=offsets,
-            out_ptr=out,
-            den_ptr=den if divide or want_max else torch.empty(num_seqs, dtype=acc, device=x.device),
-            argmax_ptr=argmax,
-            out_stride=out.stride(0),
+            chunk_offsets_ptr=rows["chunk_offsets_ptr"],
+            **results,
             **partials,
             H=features,
             splits=plan.splits,
@@ -252,10 +239,10 @@ def _max_bwd(grad_out, x, weight, bias, cu_seqlens, argmax, activation, geo, num
     acc = accumulation_dtype(x.dtype)
     dz = torch.empty(num_seqs, features, dtype=acc, device=x.device)
     block_n, block_k = MAX_DZ_BLOCKS
-    projection = _projection(x, weight, bias)
     linear_max_dz_kernel[(num_seqs, triton.cdiv(features, block_n))](
         grad_ptr=grad_out,
-        **projection,
+        x_ptr=x,
+        **_projection(weight, bias),
         argmax_ptr=argmax,
         dz_ptr=dz,
         grad_stride=grad_out.stride(0),
@@ -346,7 +333,8 @@ def _sum_bwd(grad_out, x, weight, bias, mask, den, mode, activation, geo, num_se
     num_tiles = triton.cdiv(num_rows, tiles.m)
     common = dict(
         grad_ptr=grad_out,
-        **_projection(x, weight, bias),
+        x_ptr=x,
+        **_projection(weight, bias),
         mask_ptr=mask_view if mask is not None else x,
         den_ptr=den if mode & MEAN else x,
         num_seqs=num_seqs,

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .linear_kernels import activation_grad, dot_acc, project_tile
+from .reduction import kept_rows
 from .split_plan import row_sequence, sequence_rows
 
 # --- backward, max -----------------------------------------------------------------------------
@@ -241,12 +242,13 @@ def _grad_tile(
         ROWS_INT32=ROWS_INT32,
     )
     seq = seq.to(tl.int64)
-    if HAS_MASK:
-        m = tl.load(mask_ptr + seq * stride_mb + position * stride_mr, mask=keep, other=0)
-        keep = keep & (m != 0)
-        s = tl.where(keep, m.to(ACC_DTYPE), 0) if WEIGHTED else keep.to(ACC_DTYPE)
-    else:
-        s = keep.to(ACC_DTYPE)
+    keep, s = kept_rows(
+        mask_ptrs=mask_ptr + seq * stride_mb + position * stride_mr,
+        keep=keep,
+        HAS_MASK=HAS_MASK,
+        WEIGHTED=WEIGHTED,
+        ACC_DTYPE=ACC_DTYPE,
+    )
     if DIVIDE:
         den = tl.load(den_ptr + seq, mask=keep, other=1)
         s = tl.where(den != 0, s / tl.where(den != 0, den, 1), 0)

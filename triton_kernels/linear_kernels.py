@@ -7,13 +7,14 @@ adds the bias, applies the activation and folds the tile into a (BLOCK_N,) state
 and its first token, or the weighted sum. Short sequences write the result; chunks of long ones
 write partials that pool_combine_kernel folds in chunk order.
 
-The activations and their derivatives, the projection tile and the max folding are shared with the
-backward kernels (linear_bwd_kernels.py).
+The activations and their derivatives and the projection tile are shared with the backward kernels
+(linear_bwd_kernels.py); the max folding and the stores are the pool's (reduction.py).
 """
 
 import triton
 import triton.language as tl
 
+from .reduction import column_max, kept_rows, store_partials, store_result, take_max
 from .split_plan import program_chunk
 
 
@@ -128,29 +129,6 @@ def project_tile(
 
 
 @triton.jit
-def take_max(best, best_row, value, row):
-    """Running max with first-row tie-break (row < 0: no value); a NaN wins, the first NaN stays."""
-    best_nan = best != best
-    take = (row >= 0) & ((best_row < 0) | ((value != value) & ~best_nan) | (~best_nan & (value > best)))
-    return tl.where(take, value, best), tl.where(take, row, best_row)
-
-
-@triton.jit
-def tile_max(values, index, valid):
-    """(max, its first row) per column of a (BLOCK_M, BLOCK_N) tile over the valid entries; row -1
-    for a column with none. A NaN wins over numbers, the first NaN its row."""
-    is_nan = valid & (values != values)
-    nan_row = tl.min(tl.where(is_nan, index[:, None], 2147483647), 0)
-    numbers = valid & ~is_nan
-    top = tl.max(tl.where(numbers, values, float("-inf")), 0)
-    top_row = tl.min(tl.where(numbers & (values == top[None, :]), index[:, None], 2147483647), 0)
-    has_nan = nan_row != 2147483647
-    best = tl.where(has_nan, float("nan"), top)
-    row = tl.where(has_nan, nan_row, tl.where(top_row != 2147483647, top_row, -1))
-    return best, row
-
-
-@triton.jit
 def linear_fwd_kernel(
     x_ptr,
     weight_ptr,
@@ -224,12 +202,13 @@ def linear_fwd_kernel(
     for r0 in range(first, last, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         keep = rows < last
-        if HAS_MASK:
-            m = tl.load(m_seq + rows * stride_mr, mask=keep, other=0)
-            keep = keep & (m != 0)
-            w = tl.where(keep, m.to(ACC_DTYPE), 0) if WEIGHTED else keep.to(ACC_DTYPE)
-        else:
-            w = keep.to(ACC_DTYPE)
+        keep, w = kept_rows(
+            mask_ptrs=m_seq + rows * stride_mr,
+            keep=keep,
+            HAS_MASK=HAS_MASK,
+            WEIGHTED=WEIGHTED,
+            ACC_DTYPE=ACC_DTYPE,
+        )
         z = project_tile(
             x_rows=x_seq + rows * stride_xr,
             rows_in=keep,
@@ -251,27 +230,48 @@ def linear_fwd_kernel(
         values = activate(z, ACTIVATION=ACTIVATION)
         valid = keep[:, None] & n_in[None, :]
         if MAX:
-            block_best, block_row = tile_max(values=values, index=(rows - start).to(tl.int32), valid=valid)
-            best, best_row = take_max(best=best, best_row=best_row, value=block_best, row=block_row)
+            index = (rows - start).to(tl.int32)
+            block_best, block_row = column_max(values=values, rows=index[:, None], valid=valid)
+            best, best_row = take_max(
+                best=best, best_row=best_row, value=block_best, row=block_row, valid=block_row >= 0
+            )
         else:
             total += tl.sum(tl.where(valid, values * w[:, None], 0), 0)
             weight += tl.sum(w, 0)
     if SPLIT:
-        part = pid.to(tl.int64) * N + offs_n
-        if MAX:
-            tl.store(part_max_ptr + part, best, mask=n_in)
-            tl.store(part_row_ptr + part, best_row, mask=n_in)
-        else:
-            tl.store(part_sum_ptr + part, total, mask=n_in)
-            tl.store(part_den_ptr + pid, weight, mask=n_block == 0)
+        store_partials(
+            part_sum_ptr=part_sum_ptr,
+            part_den_ptr=part_den_ptr,
+            part_max_ptr=part_max_ptr,
+            part_row_ptr=part_row_ptr,
+            chunk=pid,
+            offs=offs_n,
+            offs_in=n_in,
+            width=N,
+            first_block=n_block == 0,
+            total=total,
+            weight=weight,
+            best=best,
+            best_row=best_row,
+            MEAN=not MAX,
+            MAX=MAX,
+        )
     else:
-        out_row = out_ptr + seq.to(tl.int64) * out_stride
-        if MAX:
-            result = tl.where(best_row >= 0, best, 0)
-            tl.store(argmax_ptr + seq.to(tl.int64) * N + offs_n, best_row, mask=n_in)
-        elif DIVIDE:
-            result = tl.where(weight != 0, total / tl.where(weight != 0, weight, 1), 0)
-            tl.store(den_ptr + seq, weight, mask=n_block == 0)
-        else:
-            result = total
-        tl.store(out_row + offs_n, result.to(out_ptr.dtype.element_ty), mask=n_in)
+        store_result(
+            out_ptr=out_ptr,
+            den_ptr=den_ptr,
+            argmax_ptr=argmax_ptr,
+            seq=seq,
+            offs_h=offs_n,
+            h_in=n_in,
+            H=N,
+            out_stride=out_stride,
+            h_block=n_block,
+            total=total,
+            weight=weight,
+            best=best,
+            best_row=best_row,
+            MEAN=not MAX,
+            MAX=MAX,
+            STATES=not DIVIDE,
+        )

@@ -17,6 +17,7 @@ import triton
 from ..contract import MAX, MEAN, STATES, accumulation_dtype
 from .launch import (
     channel_block,
+    chunk_arguments,
     kernel_cu_seqlens,
     kernel_mask,
     launches_on_input_device,
@@ -50,8 +51,8 @@ def pool_fwd(
     varlen = cu_seqlens is not None
     cu_seqlens = kernel_cu_seqlens(cu_seqlens)
     hidden = x.shape[-1]
-    num_seqs, seq_len, num_rows, longest, x_strides = geometry(x, cu_seqlens, max_seqlen)
-    stride_xb, stride_xr, stride_xh = x_strides
+    geo = geometry(x, cu_seqlens, max_seqlen)
+    num_seqs = geo.num_seqs
     acc = accumulation_dtype(x.dtype)
     want_mean, want_max, states = bool(mode & MEAN), bool(mode & MAX), bool(mode & STATES)
     width = 2 * hidden if want_mean and want_max else hidden
@@ -61,11 +62,10 @@ def pool_fwd(
     if num_seqs == 0 or hidden == 0:
         return out, den.zero_(), argmax.fill_(-1)
 
-    mask_view, (stride_mb, stride_mr) = kernel_mask(mask)
     block_h = channel_block(hidden)
     block_r = _rows_per_tile(block_h)
     channel_blocks = triton.cdiv(hidden, block_h)
-    plan = plan_split(num_seqs, num_rows, longest, channel_blocks, block_r, x.device, cu_seqlens)
+    plan = plan_split(num_seqs, geo.num_rows, geo.longest, channel_blocks, block_r, x.device, cu_seqlens)
     if plan.split:
         part_sum = torch.empty(plan.num_chunks if want_mean else 0, hidden, dtype=acc, device=x.device)
         part_den = torch.empty(plan.num_chunks if want_mean else 0, dtype=acc, device=x.device)
@@ -73,36 +73,18 @@ def pool_fwd(
         part_row = torch.empty(plan.num_chunks if want_max else 0, hidden, dtype=torch.int32, device=x.device)
     else:
         part_sum = part_den = part_max = part_row = den  # unused
-    flags = dict(
-        MEAN=want_mean, MAX=want_max, STATES=states, VARLEN=varlen, ACC_DTYPE=triton_accumulator(x.dtype)
-    )
-    offsets = plan.chunk_offsets if plan.chunk_offsets is not None else out  # unused when padded
+    flags = dict(MEAN=want_mean, MAX=want_max, STATES=states, ACC_DTYPE=triton_accumulator(x.dtype))
+    rows = chunk_arguments(x, mask, cu_seqlens, geo, plan)
     results = dict(out_ptr=out, den_ptr=den, argmax_ptr=argmax, out_stride=out.stride(0))
     partials = dict(
         part_sum_ptr=part_sum, part_den_ptr=part_den, part_max_ptr=part_max, part_row_ptr=part_row
     )
     pool_fwd_kernel[(plan.num_chunks, channel_blocks)](
-        x_ptr=x,
-        mask_ptr=mask_view if mask is not None else x,
-        cu_seqlens_ptr=cu_seqlens if varlen else x,
-        chunk_offsets_ptr=offsets,
+        **rows,
         **results,
         **partials,
-        num_seqs=num_seqs,
-        seq_len=seq_len,
-        num_rows=num_rows,
         H=hidden,
-        stride_xb=stride_xb,
-        stride_xr=stride_xr,
-        stride_xh=stride_xh,
-        stride_mb=stride_mb,
-        stride_mr=stride_mr,
-        chunk_rows=plan.chunk_rows,
-        splits=plan.splits,
-        search_iters=plan.search_iters,
-        HAS_MASK=mask is not None,
         WEIGHTED=_weighted(mask, mode),
-        SPLIT=plan.split,
         BLOCK_R=block_r,
         BLOCK_H=block_h,
         **tile_launch(),
@@ -110,12 +92,13 @@ def pool_fwd(
     )
     if plan.split:
         pool_combine_kernel[(num_seqs, channel_blocks)](
-            chunk_offsets_ptr=offsets,
+            chunk_offsets_ptr=rows["chunk_offsets_ptr"],
             **results,
             **partials,
             H=hidden,
             splits=plan.splits,
             num_chunks=plan.num_chunks,
+            VARLEN=varlen,
             BLOCK_H=block_h,
             num_warps=4,
             **flags,

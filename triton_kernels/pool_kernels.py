@@ -15,19 +15,12 @@ once: mean: dx = w * g / sum(w); max: dx = g where the row is the saved argmax, 
 import triton
 import triton.language as tl
 
+from .reduction import column_max, kept_rows, store_partials, store_result, take_max
 from .split_plan import program_chunk, row_sequence, sequence_chunks
 
 
 @triton.jit
-def _take_max(best, best_row, value, row, valid):
-    """Running max with first-row tie-break; a NaN wins over numbers and the first NaN is kept."""
-    best_nan = best != best
-    take = valid & ((best_row < 0) | ((value != value) & ~best_nan) | (~best_nan & (value > best)))
-    return tl.where(take, value, best), tl.where(take, row, best_row)
-
-
-@triton.jit
-def _reduce_chunk(
+def reduce_chunk(
     x_ptr,
     mask_ptr,
     seq,
@@ -61,12 +54,13 @@ def _reduce_chunk(
     for r0 in range(first, last, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         keep = rows < last
-        if HAS_MASK:
-            m = tl.load(m_seq + rows * stride_mr, mask=keep, other=0)
-            keep = keep & (m != 0)
-            w = tl.where(keep, m.to(ACC_DTYPE), 0) if WEIGHTED else keep.to(ACC_DTYPE)
-        else:
-            w = keep.to(ACC_DTYPE)
+        keep, w = kept_rows(
+            mask_ptrs=m_seq + rows * stride_mr,
+            keep=keep,
+            HAS_MASK=HAS_MASK,
+            WEIGHTED=WEIGHTED,
+            ACC_DTYPE=ACC_DTYPE,
+        )
         tile_in = keep[:, None] & h_in[None, :]
         v = tl.load(x_seq + rows[:, None] * stride_xr + h_offsets, mask=tile_in, other=0).to(ACC_DTYPE)
         if MEAN:
@@ -74,60 +68,13 @@ def _reduce_chunk(
             weight += w
         if MAX:
             index = (rows - start).to(tl.int32)
-            best, best_row = _take_max(
+            best, best_row = take_max(
                 best=best, best_row=best_row, value=v, row=index[:, None], valid=tile_in
             )
     # Fold the BLOCK_R slots; slots saw their rows in increasing order, so the first maximal row
     # of a slot is its own; across slots take the smallest row (NaN first).
-    slot_nan = (best != best) & (best_row >= 0)
-    nan_row = tl.min(tl.where(slot_nan, best_row, 2147483647), 0)
-    numbers = tl.where(slot_nan | (best_row < 0), float("-inf"), best)
-    top = tl.max(numbers, 0)
-    top_row = tl.min(
-        tl.where((best_row >= 0) & ~slot_nan & (numbers == top[None, :]), best_row, 2147483647), 0
-    )
-    has_nan = nan_row != 2147483647
-    chunk_max = tl.where(has_nan, float("nan"), top)
-    chunk_row = tl.where(has_nan, nan_row, tl.where(top_row != 2147483647, top_row, -1))
+    chunk_max, chunk_row = column_max(values=best, rows=best_row, valid=best_row >= 0)
     return tl.sum(total, 0), tl.sum(weight, 0), chunk_max, chunk_row
-
-
-@triton.jit
-def _store_result(
-    out_ptr,
-    den_ptr,
-    argmax_ptr,
-    seq,
-    offs_h,
-    h_in,
-    H,
-    out_stride,
-    h_block,
-    total,
-    weight,
-    best,
-    best_row,
-    MEAN: tl.constexpr,
-    MAX: tl.constexpr,
-    STATES: tl.constexpr,
-):
-    """Writes the pooled row of `seq`: mean = total / weight (0 if empty), max (0 if empty). STATES:
-    the partial states instead, total undivided (out is float32 / float64)."""
-    out_row = out_ptr + seq.to(tl.int64) * out_stride
-    if MEAN:
-        if STATES:
-            mean = total
-        else:
-            nonzero = weight != 0
-            mean = tl.where(nonzero, total / tl.where(nonzero, weight, 1), 0)
-        tl.store(out_row + offs_h, mean.to(out_ptr.dtype.element_ty), mask=h_in)
-        tl.store(den_ptr + seq, weight, mask=h_block == 0)
-    if MAX:
-        col = H if MEAN else 0
-        tl.store(
-            out_row + col + offs_h, tl.where(best_row >= 0, best, 0).to(out_ptr.dtype.element_ty), mask=h_in
-        )
-        tl.store(argmax_ptr + seq.to(tl.int64) * H + offs_h, best_row, mask=h_in)
 
 
 @triton.jit
@@ -184,7 +131,7 @@ def pool_fwd_kernel(
         VARLEN=VARLEN,
         SPLIT=SPLIT,
     )
-    total, weight, best, best_row = _reduce_chunk(
+    total, weight, best, best_row = reduce_chunk(
         x_ptr=x_ptr,
         mask_ptr=mask_ptr,
         seq=seq,
@@ -207,15 +154,25 @@ def pool_fwd_kernel(
         BLOCK_H=BLOCK_H,
     )
     if SPLIT:
-        part = pid.to(tl.int64) * H + offs_h
-        if MEAN:
-            tl.store(part_sum_ptr + part, total, mask=h_in)
-            tl.store(part_den_ptr + pid, weight, mask=h_block == 0)
-        if MAX:
-            tl.store(part_max_ptr + part, best, mask=h_in)
-            tl.store(part_row_ptr + part, best_row, mask=h_in)
+        store_partials(
+            part_sum_ptr=part_sum_ptr,
+            part_den_ptr=part_den_ptr,
+            part_max_ptr=part_max_ptr,
+            part_row_ptr=part_row_ptr,
+            chunk=pid,
+            offs=offs_h,
+            offs_in=h_in,
+            width=H,
+            first_block=h_block == 0,
+            total=total,
+            weight=weight,
+            best=best,
+            best_row=best_row,
+            MEAN=MEAN,
+            MAX=MAX,
+        )
     else:
-        _store_result(
+        store_result(
             out_ptr=out_ptr,
             den_ptr=den_ptr,
             argmax_ptr=argmax_ptr,
@@ -278,8 +235,8 @@ def pool_combine_kernel(
         if MAX:
             row = tl.load(part_row_ptr + part, mask=h_in, other=-1)
             value = tl.load(part_max_ptr + part, mask=h_in, other=0)
-            best, best_row = _take_max(best=best, best_row=best_row, value=value, row=row, valid=row >= 0)
-    _store_result(
+            best, best_row = take_max(best=best, best_row=best_row, value=value, row=row, valid=row >= 0)
+    store_result(
         out_ptr=out_ptr,
         den_ptr=den_ptr,
         argmax_ptr=argmax_ptr,
@@ -340,14 +297,17 @@ def pool_bwd_kernel(
         VARLEN=VARLEN,
         ROWS_INT32=ROWS_INT32,
     )
-    if HAS_MASK:
-        m = tl.load(mask_ptr + seq.to(tl.int64) * stride_mb + position * stride_mr, mask=keep, other=0)
-        keep = keep & (m != 0)
+    keep, w = kept_rows(
+        mask_ptrs=mask_ptr + seq.to(tl.int64) * stride_mb + position * stride_mr,
+        keep=keep,
+        HAS_MASK=HAS_MASK,
+        WEIGHTED=WEIGHTED,
+        ACC_DTYPE=ACC_DTYPE,
+    )
     tile_in = keep[:, None] & h_in[None, :]
     g_row = grad_ptr + seq.to(tl.int64)[:, None] * grad_stride + offs_h[None, :]
     dx = tl.zeros([BLOCK_R, BLOCK_H], dtype=ACC_DTYPE)
     if MEAN:
-        w = tl.where(keep, m.to(ACC_DTYPE), 0) if WEIGHTED else keep.to(ACC_DTYPE)
         den = tl.load(den_ptr + seq, mask=keep, other=1)
         scale = tl.where(den != 0, w / tl.where(den != 0, den, 1), 0)
         dx += tl.load(g_row, mask=tile_in, other=0).to(ACC_DTYPE) * scale[:, None]

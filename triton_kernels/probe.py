@@ -19,8 +19,8 @@ from .attention_kernels import attention_combine_kernel
 from .launch import (
     TILE_WARPS,
     channel_block,
+    chunk_arguments,
     kernel_cu_seqlens,
-    kernel_mask,
     launches_on_input_device,
     tile_launch,
     triton_accumulator,
@@ -138,8 +138,8 @@ def _forward(x, probes, mask, cu_seqlens, max_seqlen, scale):
     varlen = cu_seqlens is not None
     cu_seqlens = kernel_cu_seqlens(cu_seqlens)
     num_probes, hidden = probes.shape
-    num_seqs, seq_len, num_rows, longest, x_strides = geometry(x, cu_seqlens, max_seqlen)
-    stride_xb, stride_xr, stride_xh = x_strides
+    geo = geometry(x, cu_seqlens, max_seqlen)
+    num_seqs = geo.num_seqs
     acc = accumulation_dtype(x.dtype)
     out = torch.empty(num_seqs, num_probes, hidden, dtype=acc, device=x.device)
     stats = torch.empty(num_seqs, num_probes, 2, dtype=acc, device=x.device)
@@ -147,39 +147,21 @@ def _forward(x, probes, mask, cu_seqlens, max_seqlen, scale):
         return out, stats.zero_()
     blocks = forward_blocks(num_probes, hidden, x.dtype)
     per_chunk = blocks["probe_blocks"] * blocks["channel_blocks"]
-    plan = plan_split(num_seqs, num_rows, longest, per_chunk, blocks["BLOCK_T"], x.device, cu_seqlens)
+    plan = plan_split(num_seqs, geo.num_rows, geo.longest, per_chunk, blocks["BLOCK_T"], x.device, cu_seqlens)
     part_m, part_l, part_acc = (
         torch.empty(plan.num_chunks if plan.split else 0, *shape, dtype=acc, device=x.device)
         for shape in ((num_probes,), (num_probes,), (num_probes, hidden))
     )
-    mask_view, (stride_mb, stride_mr) = kernel_mask(mask)
-    offsets = plan.chunk_offsets if plan.chunk_offsets is not None else stats  # unused when padded
+    rows = chunk_arguments(x, mask, cu_seqlens, geo, plan)
     acc_dtype = triton_accumulator(x.dtype)
     results = dict(out_ptr=out, stats_ptr=stats, part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc)
     probe_fwd_kernel[(plan.num_chunks * per_chunk,)](
-        x_ptr=x,
+        **rows,
         probes_ptr=_kernel_probes(probes, x),
-        mask_ptr=mask_view if mask is not None else x,
-        cu_seqlens_ptr=cu_seqlens if varlen else x,
-        chunk_offsets_ptr=offsets,
         **results,
-        num_seqs=num_seqs,
-        seq_len=seq_len,
-        num_rows=num_rows,
         H=hidden,
         P=num_probes,
         scale=scale,
-        stride_xb=stride_xb,
-        stride_xr=stride_xr,
-        stride_xh=stride_xh,
-        stride_mb=stride_mb,
-        stride_mr=stride_mr,
-        chunk_rows=plan.chunk_rows,
-        splits=plan.splits,
-        search_iters=plan.search_iters,
-        HAS_MASK=mask is not None,
-        VARLEN=varlen,
-        SPLIT=plan.split,
         ACC_DTYPE=acc_dtype,
         DOT_DTYPE=_dot_dtype(x.dtype),
         DOT_PRECISION=_dot_precision(x.dtype),
@@ -191,7 +173,7 @@ def _forward(x, probes, mask, cu_seqlens, max_seqlen, scale):
         combine_block = channel_block(hidden)
         channel_blocks = triton.cdiv(hidden, combine_block)
         attention_combine_kernel[(num_seqs, num_probes * channel_blocks)](
-            chunk_offsets_ptr=offsets,
+            chunk_offsets_ptr=rows["chunk_offsets_ptr"],
             **results,
             H=num_probes * hidden,
             D=hidden,
@@ -209,50 +191,32 @@ def _forward(x, probes, mask, cu_seqlens, max_seqlen, scale):
 
 @launches_on_input_device
 def _backward(grad_out, x, probes, mask, cu_seqlens, out, stats, scale):
-    varlen = cu_seqlens is not None
     cu_seqlens = kernel_cu_seqlens(cu_seqlens)
     num_probes, hidden = probes.shape
-    num_seqs, seq_len, num_rows, longest, x_strides = geometry(x, cu_seqlens)
-    stride_xb, stride_xr, stride_xh = x_strides
+    geo = geometry(x, cu_seqlens)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if num_rows == 0 or hidden == 0 or num_seqs == 0:
+    if geo.num_rows == 0 or hidden == 0 or geo.num_seqs == 0:
         return dx.zero_(), torch.zeros(probes.shape, dtype=probes.dtype, device=probes.device)
     # The gradient in x's dtype, as the dots read it, and g_p . out_p from that same gradient.
     grad = grad_out.to(x.dtype).contiguous()
     grad_dot_out = (grad.to(out.dtype) * out).sum(-1)
     blocks = backward_blocks(num_probes, hidden, x.dtype)
     channel_blocks = blocks["channel_blocks"]
-    plan = plan_split(num_seqs, num_rows, longest, channel_blocks, blocks["BLOCK_T"], x.device, cu_seqlens)
+    plan = plan_split(
+        geo.num_seqs, geo.num_rows, geo.longest, channel_blocks, blocks["BLOCK_T"], x.device, cu_seqlens
+    )
     dprobes_parts = torch.empty(plan.num_chunks, num_probes, hidden, dtype=out.dtype, device=x.device)
-    mask_view, (stride_mb, stride_mr) = kernel_mask(mask)
     probe_bwd_kernel[(plan.num_chunks * blocks["channel_blocks"],)](
+        **chunk_arguments(x, mask, cu_seqlens, geo, plan),
         grad_ptr=grad,
         grad_dot_out_ptr=grad_dot_out,
-        x_ptr=x,
         probes_ptr=_kernel_probes(probes, x),
-        mask_ptr=mask_view if mask is not None else x,
-        cu_seqlens_ptr=cu_seqlens if varlen else x,
-        chunk_offsets_ptr=plan.chunk_offsets if plan.chunk_offsets is not None else stats,
         stats_ptr=stats,
         dx_ptr=dx,
         dprobes_part_ptr=dprobes_parts,
-        num_seqs=num_seqs,
-        seq_len=seq_len,
-        num_rows=num_rows,
         H=hidden,
         P=num_probes,
         scale=scale,
-        stride_xb=stride_xb,
-        stride_xr=stride_xr,
-        stride_xh=stride_xh,
-        stride_mb=stride_mb,
-        stride_mr=stride_mr,
-        chunk_rows=plan.chunk_rows,
-        splits=plan.splits,
-        search_iters=plan.search_iters,
-        HAS_MASK=mask is not None,
-        VARLEN=varlen,
-        SPLIT=plan.split,
         ACC_DTYPE=triton_accumulator(out.dtype),
         DOT_DTYPE=_dot_dtype(x.dtype),
         DOT_PRECISION=_dot_precision(x.dtype, num_probes, backward=True),

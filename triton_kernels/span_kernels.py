@@ -2,7 +2,7 @@
 span.py launches them.
 
 Forward (`span_fwd_kernel`): a program reduces one chunk of one span's rows over BLOCK_H channels
-with pool_kernels' `_reduce_chunk` (a span is a varlen sequence whose bounds come from `spans`, and
+with pool_kernels' `reduce_chunk` (a span is a varlen sequence whose bounds come from `spans`, and
 spans may overlap). Span s has `splits` chunks of `chunk_rows` rows, program p -> (p // splits,
 p % splits); chunks past the span's end are empty. Unsplit (splits = 1), the program writes the
 result; split, it writes partials that pool_kernels' `pool_combine_kernel` folds in chunk order.
@@ -16,7 +16,8 @@ the same order everywhere (deterministic, no float atomics) and every element of
 import triton
 import triton.language as tl
 
-from .pool_kernels import _reduce_chunk, _store_result
+from .pool_kernels import reduce_chunk
+from .reduction import store_partials, store_result
 
 
 @triton.jit
@@ -103,9 +104,9 @@ def span_fwd_kernel(
     else:
         first = start
         last = end
-    # A span is a varlen sequence: sequence stride 0 (x and the mask are (T, ...)), so _reduce_chunk
+    # A span is a varlen sequence: sequence stride 0 (x and the mask are (T, ...)), so reduce_chunk
     # reads token t at x + t * stride_xr and returns argmax rows as t - start'.
-    total, weight, best, best_row = _reduce_chunk(
+    total, weight, best, best_row = reduce_chunk(
         x_ptr=x_ptr,
         mask_ptr=mask_ptr,
         seq=span,
@@ -128,16 +129,25 @@ def span_fwd_kernel(
         BLOCK_H=BLOCK_H,
     )
     if SPLIT:
-        # Empty chunks write neutral partials too (0, 0, -inf with row -1): the combine reads all.
-        part = pid.to(tl.int64) * H + offs_h
-        if MEAN:
-            tl.store(part_sum_ptr + part, total, mask=h_in)
-            tl.store(part_den_ptr + pid, weight, mask=h_block == 0)
-        if MAX:
-            tl.store(part_max_ptr + part, best, mask=h_in)
-            tl.store(part_row_ptr + part, best_row, mask=h_in)
+        store_partials(
+            part_sum_ptr=part_sum_ptr,
+            part_den_ptr=part_den_ptr,
+            part_max_ptr=part_max_ptr,
+            part_row_ptr=part_row_ptr,
+            chunk=pid,
+            offs=offs_h,
+            offs_in=h_in,
+            width=H,
+            first_block=h_block == 0,
+            total=total,
+            weight=weight,
+            best=best,
+            best_row=best_row,
+            MEAN=MEAN,
+            MAX=MAX,
+        )
     else:
-        _store_result(
+        store_result(
             out_ptr=out_ptr,
             den_ptr=den_ptr,
             argmax_ptr=argmax_ptr,

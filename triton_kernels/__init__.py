@@ -12,5 +12,7 @@ One module per op kind holds its public functions, in the kind's spec signatures
 - linear.py: `linear_fwd`, `linear_bwd` (linear_pool); kernels in linear_kernels.py.
 
 Shared by all: split_plan.py (where each sequence's rows are and how long sequences are split over
-programs) and launch.py (what a launcher does around a launch: device, argument views, options).
+programs) and launch.py (what a launcher does around a launch: device, argument views, options). The
+reducing kernels (pool, span, linear) share reduction.py: the rows' weights, the running max and the
+stores of their states.
 """

@@ -60,15 +60,16 @@ def activate(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def activation_grad(z, ACTIVATION: tl.constexpr):
-    """d act / dz, as torch's autograd of the same activation computes it. The relu family tests
-    z <= 0, as torch's threshold_backward: relu'(NaN) = 1, and NaN stays NaN in the log1p forms."""
+    """d act / dz, as torch's autograd of the same activation computes it. The relu family at NaN
+    as torch's threshold_backward (which zeroes where z <= 0): relu'(NaN) = 1, and the log1p forms'
+    derivatives are NaN there."""
     if ACTIVATION == 1:  # relu
         d = tl.where(z <= 0, 0.0, 1.0).to(z.dtype)
     elif ACTIVATION == 2:  # log1p_relu
-        d = tl.where(z <= 0, 0, 1 / (1 + tl.where(z <= 0, 0, z)))
+        d = tl.where(z > 0, 1 / (1 + tl.where(z > 0, z, 0)), tl.where(z == z, 0, z))
     elif ACTIVATION == 3:  # log1p_log1p_relu
-        r = tl.where(z <= 0, 0, z)
-        d = tl.where(z <= 0, 0, 1 / ((1 + _log1p_nonnegative(r)) * (1 + r)))
+        r = tl.where(z > 0, z, 0)
+        d = tl.where(z > 0, 1 / ((1 + _log1p_nonnegative(r)) * (1 + r)), tl.where(z == z, 0, z))
     elif ACTIVATION == 4:  # gelu
         d = 0.5 * (1 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     elif ACTIVATION == 5:  # tanh

@@ -37,9 +37,9 @@ def column_max(values, rows, valid):
     broadcast against the tile ((BLOCK, 1) or the tile's shape). 2147483647 (int32 max): no row."""
     is_nan = valid & (values != values)
     nan_row = tl.min(tl.where(is_nan, rows, 2147483647), 0)
-    numbers = valid & ~is_nan
-    top = tl.max(tl.where(numbers, values, float("-inf")), 0)
-    top_row = tl.min(tl.where(numbers & (values == top[None, :]), rows, 2147483647), 0)
+    numbers = tl.where(is_nan | ~valid, float("-inf"), values)
+    top = tl.max(numbers, 0)
+    top_row = tl.min(tl.where(valid & ~is_nan & (numbers == top[None, :]), rows, 2147483647), 0)
     has_nan = nan_row != 2147483647
     best = tl.where(has_nan, float("nan"), top)
     row = tl.where(has_nan, nan_row, tl.where(top_row != 2147483647, top_row, -1))

@@ -14,7 +14,7 @@ The activations and their derivatives and the projection tile are shared with th
 import triton
 import triton.language as tl
 
-from .reduction import column_max, kept_rows, store_partials, store_result, take_max
+from .reduction import column_max, kept_rows, store_states, take_max
 from .split_plan import program_chunk
 
 
@@ -239,40 +239,27 @@ def linear_fwd_kernel(
         else:
             total += tl.sum(tl.where(valid, values * w[:, None], 0), 0)
             weight += tl.sum(w, 0)
-    if SPLIT:
-        store_partials(
-            part_sum_ptr=part_sum_ptr,
-            part_den_ptr=part_den_ptr,
-            part_max_ptr=part_max_ptr,
-            part_row_ptr=part_row_ptr,
-            chunk=pid,
-            offs=offs_n,
-            offs_in=n_in,
-            width=N,
-            first_block=n_block == 0,
-            total=total,
-            weight=weight,
-            best=best,
-            best_row=best_row,
-            MEAN=not MAX,
-            MAX=MAX,
-        )
-    else:
-        store_result(
-            out_ptr=out_ptr,
-            den_ptr=den_ptr,
-            argmax_ptr=argmax_ptr,
-            seq=seq,
-            offs_h=offs_n,
-            h_in=n_in,
-            H=N,
-            out_stride=out_stride,
-            h_block=n_block,
-            total=total,
-            weight=weight,
-            best=best,
-            best_row=best_row,
-            MEAN=not MAX,
-            MAX=MAX,
-            STATES=not DIVIDE,
-        )
+    store_states(
+        out_ptr=out_ptr,
+        den_ptr=den_ptr,
+        argmax_ptr=argmax_ptr,
+        part_sum_ptr=part_sum_ptr,
+        part_den_ptr=part_den_ptr,
+        part_max_ptr=part_max_ptr,
+        part_row_ptr=part_row_ptr,
+        chunk=pid,
+        seq=seq,
+        offs=offs_n,
+        offs_in=n_in,
+        width=N,
+        out_stride=out_stride,
+        col_block=n_block,
+        total=total,
+        weight=weight,
+        best=best,
+        best_row=best_row,
+        MEAN=not MAX,
+        MAX=MAX,
+        STATES=not DIVIDE,
+        SPLIT=SPLIT,
+    )

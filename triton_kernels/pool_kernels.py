@@ -15,7 +15,7 @@ once: mean: dx = w * g / sum(w); max: dx = g where the row is the saved argmax, 
 import triton
 import triton.language as tl
 
-from .reduction import column_max, kept_rows, store_partials, store_result, take_max
+from .reduction import column_max, kept_rows, store_states, take_max
 from .split_plan import program_chunk, row_sequence, sequence_chunks
 
 
@@ -153,43 +153,30 @@ def pool_fwd_kernel(
         BLOCK_R=BLOCK_R,
         BLOCK_H=BLOCK_H,
     )
-    if SPLIT:
-        store_partials(
-            part_sum_ptr=part_sum_ptr,
-            part_den_ptr=part_den_ptr,
-            part_max_ptr=part_max_ptr,
-            part_row_ptr=part_row_ptr,
-            chunk=pid,
-            offs=offs_h,
-            offs_in=h_in,
-            width=H,
-            first_block=h_block == 0,
-            total=total,
-            weight=weight,
-            best=best,
-            best_row=best_row,
-            MEAN=MEAN,
-            MAX=MAX,
-        )
-    else:
-        store_result(
-            out_ptr=out_ptr,
-            den_ptr=den_ptr,
-            argmax_ptr=argmax_ptr,
-            seq=seq,
-            offs_h=offs_h,
-            h_in=h_in,
-            H=H,
-            out_stride=out_stride,
-            h_block=h_block,
-            total=total,
-            weight=weight,
-            best=best,
-            best_row=best_row,
-            MEAN=MEAN,
-            MAX=MAX,
-            STATES=STATES,
-        )
+    store_states(
+        out_ptr=out_ptr,
+        den_ptr=den_ptr,
+        argmax_ptr=argmax_ptr,
+        part_sum_ptr=part_sum_ptr,
+        part_den_ptr=part_den_ptr,
+        part_max_ptr=part_max_ptr,
+        part_row_ptr=part_row_ptr,
+        chunk=pid,
+        seq=seq,
+        offs=offs_h,
+        offs_in=h_in,
+        width=H,
+        out_stride=out_stride,
+        col_block=h_block,
+        total=total,
+        weight=weight,
+        best=best,
+        best_row=best_row,
+        MEAN=MEAN,
+        MAX=MAX,
+        STATES=STATES,
+        SPLIT=SPLIT,
+    )
 
 
 @triton.jit
@@ -236,16 +223,22 @@ def pool_combine_kernel(
             row = tl.load(part_row_ptr + part, mask=h_in, other=-1)
             value = tl.load(part_max_ptr + part, mask=h_in, other=0)
             best, best_row = take_max(best=best, best_row=best_row, value=value, row=row, valid=row >= 0)
-    store_result(
+    # The pooled row: SPLIT=False writes no partials (`chunk` and the part pointers go unused).
+    store_states(
         out_ptr=out_ptr,
         den_ptr=den_ptr,
         argmax_ptr=argmax_ptr,
+        part_sum_ptr=part_sum_ptr,
+        part_den_ptr=part_den_ptr,
+        part_max_ptr=part_max_ptr,
+        part_row_ptr=part_row_ptr,
+        chunk=seq,
         seq=seq,
-        offs_h=offs_h,
-        h_in=h_in,
-        H=H,
+        offs=offs_h,
+        offs_in=h_in,
+        width=H,
         out_stride=out_stride,
-        h_block=h_block,
+        col_block=h_block,
         total=total,
         weight=weight,
         best=best,
@@ -253,6 +246,7 @@ def pool_combine_kernel(
         MEAN=MEAN,
         MAX=MAX,
         STATES=STATES,
+        SPLIT=False,
     )
 
 

@@ -1,7 +1,7 @@
 """What the reducing kernels share (pool_kernels.py, span_kernels.py, linear_kernels.py): which rows
 of a tile count and with what weight, the running max with its first-row tie-break, and how a
-program hands on its states: as the partials pool_combine_kernel folds in chunk order, or as the
-pooled row.
+program hands on its states (store_states): as the partials pool_combine_kernel folds in chunk
+order, or as the pooled row.
 """
 
 import triton
@@ -47,46 +47,21 @@ def column_max(values, rows, valid):
 
 
 @triton.jit
-def store_partials(
+def store_states(
+    out_ptr,
+    den_ptr,
+    argmax_ptr,
     part_sum_ptr,
     part_den_ptr,
     part_max_ptr,
     part_row_ptr,
     chunk,
+    seq,
     offs,
     offs_in,
     width,
-    first_block,
-    total,
-    weight,
-    best,
-    best_row,
-    MEAN: tl.constexpr,
-    MAX: tl.constexpr,
-):
-    """Chunk `chunk`'s states over columns `offs` of `width`, as pool_combine_kernel reads them:
-    (chunks, width) sums, maxima and rows, and (chunks,) sums of weights (from the first column
-    block). Empty chunks write neutral partials too (0, 0, -inf with row -1): the combine reads all."""
-    part = chunk.to(tl.int64) * width + offs
-    if MEAN:
-        tl.store(part_sum_ptr + part, total, mask=offs_in)
-        tl.store(part_den_ptr + chunk, weight, mask=first_block)
-    if MAX:
-        tl.store(part_max_ptr + part, best, mask=offs_in)
-        tl.store(part_row_ptr + part, best_row, mask=offs_in)
-
-
-@triton.jit
-def store_result(
-    out_ptr,
-    den_ptr,
-    argmax_ptr,
-    seq,
-    offs_h,
-    h_in,
-    H,
     out_stride,
-    h_block,
+    col_block,
     total,
     weight,
     best,
@@ -94,22 +69,37 @@ def store_result(
     MEAN: tl.constexpr,
     MAX: tl.constexpr,
     STATES: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """Writes the pooled row of `seq`: mean = total / weight (0 if empty), max (0 if empty), and
-    what the backward reads (den, argmax (B, H)). STATES: the mean's state instead, total undivided.
-    MEAN and MAX together: mean_max, the max in columns [H, 2H)."""
-    out_row = out_ptr + seq.to(tl.int64) * out_stride
-    if MEAN:
-        if STATES:
-            mean = total
-        else:
-            nonzero = weight != 0
-            mean = tl.where(nonzero, total / tl.where(nonzero, weight, 1), 0)
-        tl.store(out_row + offs_h, mean.to(out_ptr.dtype.element_ty), mask=h_in)
-        tl.store(den_ptr + seq, weight, mask=h_block == 0)
-    if MAX:
-        col = H if MEAN else 0
-        tl.store(
-            out_row + col + offs_h, tl.where(best_row >= 0, best, 0).to(out_ptr.dtype.element_ty), mask=h_in
-        )
-        tl.store(argmax_ptr + seq.to(tl.int64) * H + offs_h, best_row, mask=h_in)
+    """Hands on a program's states over columns `offs` (block `col_block`) of `width`.
+
+    SPLIT: as chunk `chunk`'s partials, which pool_combine_kernel reads: (chunks, width) sums, maxima
+    and rows, and (chunks,) sums of weights (from the first column block). Empty chunks write
+    neutral partials too (0, 0, -inf with row -1): the combine reads all.
+
+    Else as the pooled row of `seq`: mean = total / weight (0 if empty), max (0 if empty), and what
+    the backward reads (den, argmax (B, width)). STATES: the mean's state instead, total undivided.
+    MEAN and MAX together: mean_max, the max in columns [width, 2 width)."""
+    if SPLIT:
+        part = chunk.to(tl.int64) * width + offs
+        if MEAN:
+            tl.store(part_sum_ptr + part, total, mask=offs_in)
+            tl.store(part_den_ptr + chunk, weight, mask=col_block == 0)
+        if MAX:
+            tl.store(part_max_ptr + part, best, mask=offs_in)
+            tl.store(part_row_ptr + part, best_row, mask=offs_in)
+    else:
+        out_row = out_ptr + seq.to(tl.int64) * out_stride
+        if MEAN:
+            if STATES:
+                mean = total
+            else:
+                nonzero = weight != 0
+                mean = tl.where(nonzero, total / tl.where(nonzero, weight, 1), 0)
+            tl.store(out_row + offs, mean.to(out_ptr.dtype.element_ty), mask=offs_in)
+            tl.store(den_ptr + seq, weight, mask=col_block == 0)
+        if MAX:
+            col = width if MEAN else 0
+            pooled_max = tl.where(best_row >= 0, best, 0).to(out_ptr.dtype.element_ty)
+            tl.store(out_row + col + offs, pooled_max, mask=offs_in)
+            tl.store(argmax_ptr + seq.to(tl.int64) * width + offs, best_row, mask=offs_in)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .pool_kernels import reduce_chunk
-from .reduction import store_partials, store_result
+from .reduction import store_states
 
 
 @triton.jit
@@ -128,43 +128,30 @@ def span_fwd_kernel(
         BLOCK_R=BLOCK_R,
         BLOCK_H=BLOCK_H,
     )
-    if SPLIT:
-        store_partials(
-            part_sum_ptr=part_sum_ptr,
-            part_den_ptr=part_den_ptr,
-            part_max_ptr=part_max_ptr,
-            part_row_ptr=part_row_ptr,
-            chunk=pid,
-            offs=offs_h,
-            offs_in=h_in,
-            width=H,
-            first_block=h_block == 0,
-            total=total,
-            weight=weight,
-            best=best,
-            best_row=best_row,
-            MEAN=MEAN,
-            MAX=MAX,
-        )
-    else:
-        store_result(
-            out_ptr=out_ptr,
-            den_ptr=den_ptr,
-            argmax_ptr=argmax_ptr,
-            seq=span,
-            offs_h=offs_h,
-            h_in=h_in,
-            H=H,
-            out_stride=out_stride,
-            h_block=h_block,
-            total=total,
-            weight=weight,
-            best=best,
-            best_row=best_row,
-            MEAN=MEAN,
-            MAX=MAX,
-            STATES=False,
-        )
+    store_states(
+        out_ptr=out_ptr,
+        den_ptr=den_ptr,
+        argmax_ptr=argmax_ptr,
+        part_sum_ptr=part_sum_ptr,
+        part_den_ptr=part_den_ptr,
+        part_max_ptr=part_max_ptr,
+        part_row_ptr=part_row_ptr,
+        chunk=pid,
+        seq=span,
+        offs=offs_h,
+        offs_in=h_in,
+        width=H,
+        out_stride=out_stride,
+        col_block=h_block,
+        total=total,
+        weight=weight,
+        best=best,
+        best_row=best_row,
+        MEAN=MEAN,
+        MAX=MAX,
+        STATES=False,
+        SPLIT=SPLIT,
+    )
 
 
 @triton.jit

@@ -240,13 +240,9 @@ def linear_fwd_kernel(
             total += tl.sum(tl.where(valid, values * w[:, None], 0), 0)
             weight += tl.sum(w, 0)
     store_states(
-        out_ptr=out_ptr,
-        den_ptr=den_ptr,
-        argmax_ptr=argmax_ptr,
-        part_sum_ptr=part_sum_ptr,
-        part_den_ptr=part_den_ptr,
-        part_max_ptr=part_max_ptr,
-        part_row_ptr=part_row_ptr,
+        results=(out_ptr, den_ptr, argmax_ptr),
+        partials=(part_sum_ptr, part_den_ptr, part_max_ptr, part_row_ptr),
+        states=(total, weight, best, best_row),
         chunk=pid,
         seq=seq,
         offs=offs_n,
@@ -254,10 +250,6 @@ def linear_fwd_kernel(
         width=N,
         out_stride=out_stride,
         col_block=n_block,
-        total=total,
-        weight=weight,
-        best=best,
-        best_row=best_row,
         MEAN=not MAX,
         MAX=MAX,
         STATES=not DIVIDE,

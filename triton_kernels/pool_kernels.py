@@ -131,7 +131,7 @@ def pool_fwd_kernel(
         VARLEN=VARLEN,
         SPLIT=SPLIT,
     )
-    total, weight, best, best_row = reduce_chunk(
+    states = reduce_chunk(
         x_ptr=x_ptr,
         mask_ptr=mask_ptr,
         seq=seq,
@@ -154,13 +154,9 @@ def pool_fwd_kernel(
         BLOCK_H=BLOCK_H,
     )
     store_states(
-        out_ptr=out_ptr,
-        den_ptr=den_ptr,
-        argmax_ptr=argmax_ptr,
-        part_sum_ptr=part_sum_ptr,
-        part_den_ptr=part_den_ptr,
-        part_max_ptr=part_max_ptr,
-        part_row_ptr=part_row_ptr,
+        results=(out_ptr, den_ptr, argmax_ptr),
+        partials=(part_sum_ptr, part_den_ptr, part_max_ptr, part_row_ptr),
+        states=states,
         chunk=pid,
         seq=seq,
         offs=offs_h,
@@ -168,10 +164,6 @@ def pool_fwd_kernel(
         width=H,
         out_stride=out_stride,
         col_block=h_block,
-        total=total,
-        weight=weight,
-        best=best,
-        best_row=best_row,
         MEAN=MEAN,
         MAX=MAX,
         STATES=STATES,
@@ -225,13 +217,9 @@ def pool_combine_kernel(
             best, best_row = take_max(best=best, best_row=best_row, value=value, row=row, valid=row >= 0)
     # The pooled row: SPLIT=False writes no partials (`chunk` and the part pointers go unused).
     store_states(
-        out_ptr=out_ptr,
-        den_ptr=den_ptr,
-        argmax_ptr=argmax_ptr,
-        part_sum_ptr=part_sum_ptr,
-        part_den_ptr=part_den_ptr,
-        part_max_ptr=part_max_ptr,
-        part_row_ptr=part_row_ptr,
+        results=(out_ptr, den_ptr, argmax_ptr),
+        partials=(part_sum_ptr, part_den_ptr, part_max_ptr, part_row_ptr),
+        states=(total, weight, best, best_row),
         chunk=seq,
         seq=seq,
         offs=offs_h,
@@ -239,10 +227,6 @@ def pool_combine_kernel(
         width=H,
         out_stride=out_stride,
         col_block=h_block,
-        total=total,
-        weight=weight,
-        best=best,
-        best_row=best_row,
         MEAN=MEAN,
         MAX=MAX,
         STATES=STATES,

@@ -48,13 +48,9 @@ def column_max(values, rows, valid):
 
 @triton.jit
 def store_states(
-    out_ptr,
-    den_ptr,
-    argmax_ptr,
-    part_sum_ptr,
-    part_den_ptr,
-    part_max_ptr,
-    part_row_ptr,
+    results,
+    partials,
+    states,
     chunk,
     seq,
     offs,
@@ -62,25 +58,26 @@ def store_states(
     width,
     out_stride,
     col_block,
-    total,
-    weight,
-    best,
-    best_row,
     MEAN: tl.constexpr,
     MAX: tl.constexpr,
     STATES: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    """Hands on a program's states over columns `offs` (block `col_block`) of `width`.
+    """Hands on a program's states (total, weight, best, best_row), as reduce_chunk returns them, over
+    columns `offs` (block `col_block`) of `width`.
 
-    SPLIT: as chunk `chunk`'s partials, which pool_combine_kernel reads: (chunks, width) sums, maxima
-    and rows, and (chunks,) sums of weights (from the first column block). Empty chunks write
-    neutral partials too (0, 0, -inf with row -1): the combine reads all.
+    SPLIT: as chunk `chunk`'s partials (part_sum, part_den, part_max, part_row pointers), which
+    pool_combine_kernel reads: (chunks, width) sums, maxima and rows, and (chunks,) sums of weights
+    (from the first column block). Empty chunks write neutral partials too (0, 0, -inf with row -1):
+    the combine reads all.
 
-    Else as the pooled row of `seq`: mean = total / weight (0 if empty), max (0 if empty), and what
-    the backward reads (den, argmax (B, width)). STATES: the mean's state instead, total undivided.
-    MEAN and MAX together: mean_max, the max in columns [width, 2 width)."""
+    Else as the pooled row of `seq` (results: out, den, argmax pointers): mean = total / weight (0 if
+    empty), max (0 if empty), and what the backward reads (den, argmax (B, width)). STATES: the mean's
+    state instead, total undivided. MEAN and MAX together: mean_max, the max in columns
+    [width, 2 width)."""
+    total, weight, best, best_row = states
     if SPLIT:
+        part_sum_ptr, part_den_ptr, part_max_ptr, part_row_ptr = partials
         part = chunk.to(tl.int64) * width + offs
         if MEAN:
             tl.store(part_sum_ptr + part, total, mask=offs_in)
@@ -89,6 +86,7 @@ def store_states(
             tl.store(part_max_ptr + part, best, mask=offs_in)
             tl.store(part_row_ptr + part, best_row, mask=offs_in)
     else:
+        out_ptr, den_ptr, argmax_ptr = results
         out_row = out_ptr + seq.to(tl.int64) * out_stride
         if MEAN:
             if STATES:

@@ -106,7 +106,7 @@ def span_fwd_kernel(
         last = end
     # A span is a varlen sequence: sequence stride 0 (x and the mask are (T, ...)), so reduce_chunk
     # reads token t at x + t * stride_xr and returns argmax rows as t - start'.
-    total, weight, best, best_row = reduce_chunk(
+    states = reduce_chunk(
         x_ptr=x_ptr,
         mask_ptr=mask_ptr,
         seq=span,
@@ -129,13 +129,9 @@ def span_fwd_kernel(
         BLOCK_H=BLOCK_H,
     )
     store_states(
-        out_ptr=out_ptr,
-        den_ptr=den_ptr,
-        argmax_ptr=argmax_ptr,
-        part_sum_ptr=part_sum_ptr,
-        part_den_ptr=part_den_ptr,
-        part_max_ptr=part_max_ptr,
-        part_row_ptr=part_row_ptr,
+        results=(out_ptr, den_ptr, argmax_ptr),
+        partials=(part_sum_ptr, part_den_ptr, part_max_ptr, part_row_ptr),
+        states=states,
         chunk=pid,
         seq=span,
         offs=offs_h,
@@ -143,10 +139,6 @@ def span_fwd_kernel(
         width=H,
         out_stride=out_stride,
         col_block=h_block,
-        total=total,
-        weight=weight,
-        best=best,
-        best_row=best_row,
         MEAN=MEAN,
         MAX=MAX,
         STATES=False,
